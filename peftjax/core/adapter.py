@@ -1,0 +1,154 @@
+"""The method contract: a NamedTuple of pure functions over a Flax param tree.
+
+A method's `init(rng, params, *, calib=None)` returns `(frozen, state)`: the frozen tree the
+model keeps (possibly re-based, e.g. a PiSSA residual) and the small trainable state. Its
+`apply(frozen, state)` returns the tree the model runs with. Only `state` is differentiated.
+By convention a state is a dict keyed by the slash path of the parameter it adapts.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from peftjax.core import paths as P
+from peftjax.core.leaves import materialize
+
+
+class Adapter(NamedTuple):
+  """A fine-tuning method. `config` is JSON-able and rebuilds it (see `methods.from_config`)."""
+  init: Callable[..., tuple[Any, Any]]
+  apply: Callable[[Any, Any], Any]
+  config: dict
+  loss: Callable[[Any], jax.Array] | None = None
+  tx: optax.GradientTransformation | None = None
+  unmerge: Callable[[Any, Any], Any] | None = None
+  describe: Callable[[Any, Any], dict] | None = None
+
+
+def merge(adapter: Adapter, frozen, state):
+  """A plain Flax tree (no structured leaves) equal to what the model runs with."""
+  return materialize(adapter.apply(frozen, state))
+
+
+def unmerge(adapter: Adapter, merged, state):
+  """Recovers the frozen tree from a merged one, where the method is invertible."""
+  if adapter.unmerge is None:
+    raise NotImplementedError(f"method {adapter.config.get('method')!r} cannot be unmerged")
+  return adapter.unmerge(merged, state)
+
+
+def regularizer(adapter: Adapter, state) -> jax.Array:
+  """The method's loss term (0 if it has none)."""
+  return adapter.loss(state) if adapter.loss is not None else jnp.zeros((), jnp.float32)
+
+
+def partition(tree, patterns) -> tuple[dict[str, Any], dict]:
+  """Splits `tree` into `({path: leaf} matched by patterns, the rest as a nested tree)`."""
+  flat = P.flatten(tree)
+  chosen = set(P.select(flat, patterns))
+  return ({p: v for p, v in flat.items() if p in chosen},
+          P.unflatten({p: v for p, v in flat.items() if p not in chosen}))
+
+
+def combine(selected: dict[str, Any], rest) -> dict:
+  """Inverse of `partition`."""
+  return P.unflatten({**P.flatten(rest), **selected})
+
+
+def num_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def chain(*adapters: Adapter) -> Adapter:
+  """Applies methods in order: `apply_n(... apply_1(frozen, s_1) ..., s_n)`.
+
+  Only the first method may re-base the frozen tree; later ones adapt the output of the
+  earlier ones. The state is a tuple with one entry per method.
+  """
+  if not adapters:
+    raise ValueError('chain needs at least one method')
+
+  def init(rng, params, *, calib=None):
+    rngs = jax.random.split(rng, len(adapters))
+    frozen, state = adapters[0].init(rngs[0], params, calib=calib)
+    states, current = [state], adapters[0].apply(frozen, state)
+    for adapter, key in zip(adapters[1:], rngs[1:]):
+      base, state = adapter.init(key, current, calib=calib)
+      if not all(a is b for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(current))):
+        raise ValueError(f"only the first method of a chain may re-base the frozen tree; "
+                         f"{adapter.config.get('method')!r} did")
+      states.append(state)
+      current = adapter.apply(current, state)
+    return frozen, tuple(states)
+
+  def apply(frozen, states):
+    params = frozen
+    for adapter, state in zip(adapters, states):
+      params = adapter.apply(params, state)
+    return params
+
+  def loss(states):
+    return sum(regularizer(a, s) for a, s in zip(adapters, states))
+
+  def unmerge_all(merged, states):
+    for adapter, state in reversed(list(zip(adapters, states))):
+      merged = unmerge(adapter, merged, state)
+    return merged
+
+  def describe(frozen, states):
+    out, params = {}, frozen
+    for i, (adapter, state) in enumerate(zip(adapters, states)):
+      for path, info in describe_targets(adapter, params, state).items():
+        out[f'{i}{P.SEP}{path}'] = info
+      params = adapter.apply(params, state)
+    return out
+
+  txs = [a.tx for a in adapters]
+  tx = None
+  if any(t is not None for t in txs):
+    tx = optax.multi_transform(
+        {str(i): t or optax.identity() for i, t in enumerate(txs)},
+        lambda states: tuple(jax.tree.map(lambda _, i=i: str(i), s) for i, s in enumerate(states)))
+  return Adapter(
+      init=init, apply=apply,
+      config={'method': 'chain', 'adapters': [a.config for a in adapters]},
+      loss=loss if any(a.loss for a in adapters) else None, tx=tx,
+      unmerge=unmerge_all if all(a.unmerge for a in adapters) else None,
+      describe=describe)
+
+
+def describe_targets(adapter: Adapter, frozen, state) -> dict[str, dict]:
+  """Per adapted parameter: its shape and the trainable parameters the method gives it."""
+  if adapter.describe is not None:
+    return adapter.describe(frozen, state)
+  flat = P.flatten(frozen)
+  return {path: {'shape': list(flat[path].shape) if path in flat else list(np.shape(s)),
+                 'trainable': num_params(s)}
+          for path, s in state.items()}
+
+
+def summary(adapter: Adapter, frozen, state, head=None) -> str:
+  """A table of adapted parameters and the trainable / total parameter counts."""
+  rows = describe_targets(adapter, frozen, state)
+  extra_keys = sorted({k for info in rows.values() for k in info} - {'shape', 'trainable'})
+  width = max([len(p) for p in rows] + [len('target')])
+  header = f"{'target':<{width}}  {'shape':>12}  {'trainable':>10}" + ''.join(
+      f'  {k:>8}' for k in extra_keys)
+  lines = [f"method: {adapter.config.get('method')}", header, '-' * len(header)]
+  for path, info in rows.items():
+    lines.append(f"{path:<{width}}  {'x'.join(map(str, info['shape'])):>12}  "
+                 f"{info['trainable']:>10,}" + ''.join(
+                     f'  {_fmt(info.get(k, "")):>8}' for k in extra_keys))
+  trainable = num_params(state) + num_params(head or {})
+  total = num_params(frozen) + trainable
+  lines.append(f'trainable params: {trainable:,} || all params: {total:,} || '
+               f'trainable%: {100 * trainable / max(total, 1):.4f}')
+  return '\n'.join(lines)
+
+
+def _fmt(v):
+  return f'{v:g}' if isinstance(v, float) else str(v)

@@ -1,0 +1,95 @@
+"""Adapter-only files: `adapter.safetensors` (the trainable state, and a task head if any)
+plus `adapter_config.json` (method config, targets with their shapes, ranks and scales, base
+model id). Loading checks the file against the param tree it is loaded into.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import safetensors.numpy
+
+from peftjax import methods
+from peftjax.core import paths as P
+from peftjax.core.adapter import Adapter, describe_targets
+from peftjax.io.files import atomic_dir
+
+CONFIG_FILE = 'adapter_config.json'
+WEIGHTS_FILE = 'adapter.safetensors'
+FORMAT = 'peftjax-adapter'
+
+
+class AdapterFileError(ValueError):
+  """An adapter file that is corrupt or does not fit the params it is loaded into."""
+
+
+def save_adapter(directory, adapter: Adapter, frozen, state, *, head=None,
+                 base_model: str | None = None) -> pathlib.Path:
+  """Writes the adapter (atomically) and returns the weights file's path."""
+  tensors = {f'state/{k}': np.asarray(v) for k, v in P.flatten(state).items()}
+  tensors |= {f'head/{k}': np.asarray(v) for k, v in P.flatten(head or {}).items()}
+  meta = {
+      'format': FORMAT, 'version': 1, 'method': adapter.config, 'base_model': base_model,
+      'targets': describe_targets(adapter, frozen, state),
+      'tensors': {k: {'shape': list(v.shape), 'dtype': str(v.dtype)} for k, v in tensors.items()},
+  }
+  directory = pathlib.Path(directory)
+  with atomic_dir(directory) as tmp:
+    safetensors.numpy.save_file(tensors, str(tmp / WEIGHTS_FILE))
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=_jsonable))
+  return directory / WEIGHTS_FILE
+
+
+def read_adapter_config(directory) -> dict:
+  path = pathlib.Path(directory) / CONFIG_FILE
+  try:
+    meta = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise AdapterFileError(f'no adapter at {directory}: {CONFIG_FILE} is missing') from None
+  except json.JSONDecodeError as e:
+    raise AdapterFileError(f'{path} is not valid JSON ({e})') from None
+  if meta.get('format') != FORMAT:
+    raise AdapterFileError(f'{path}: expected format {FORMAT!r}, found {meta.get("format")!r}')
+  return meta
+
+
+def load_adapter(directory, params, *, rng=None):
+  """Loads an adapter for `params`: returns `(adapter, frozen, state, head, meta)`."""
+  directory = pathlib.Path(directory)
+  meta = read_adapter_config(directory)
+  flat_params = P.flatten(params)
+  for target, info in meta['targets'].items():
+    path = target.split(P.SEP, 1)[1] if meta['method']['method'] == 'chain' else target
+    if path in flat_params and list(flat_params[path].shape) != info['shape']:
+      raise AdapterFileError(
+          f'adapter target {path} was trained for shape {tuple(info["shape"])} but the params '
+          f'hold {tuple(flat_params[path].shape)} (base model of the file: {meta["base_model"]})')
+  try:
+    tensors = safetensors.numpy.load_file(str(directory / WEIGHTS_FILE))
+  except Exception as e:  # safetensors raises several types for truncated/corrupt files
+    raise AdapterFileError(f'cannot read {directory / WEIGHTS_FILE}: {e}') from None
+  adapter = methods.from_config(meta['method'])
+  rng = jax.random.key(0) if rng is None else rng
+  frozen, template = adapter.init(rng, params)
+  expected = P.flatten(template)
+  found = {k[len('state/'):]: v for k, v in tensors.items() if k.startswith('state/')}
+  problems = [f'{k}: expected {tuple(v.shape)}, found '
+              f'{tuple(found[k].shape) if k in found else "nothing"}'
+              for k, v in expected.items() if k not in found or found[k].shape != v.shape]
+  problems += [f'{k}: unexpected in file' for k in found if k not in expected]
+  if problems:
+    raise AdapterFileError(f'adapter at {directory} does not fit these params: '
+                           + '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else ''))
+  leaves, treedef = jax.tree.flatten(template)
+  keys = list(expected)
+  state = jax.tree.unflatten(treedef, [found[k].astype(l.dtype) for k, l in zip(keys, leaves)])
+  head = P.unflatten({k[len('head/'):]: v for k, v in tensors.items() if k.startswith('head/')})
+  return adapter, frozen, state, head or None, meta
+
+
+def _jsonable(x):
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  raise TypeError(f'not JSON serialisable: {type(x).__name__}')

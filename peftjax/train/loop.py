@@ -1,0 +1,233 @@
+"""The training loop: fine-tune a sentence classifier with any method, from a config.
+
+Per epoch: train over the shuffled train split, evaluate on val, keep the best adapter (by
+val accuracy) in `WORKDIR/adapter`, checkpoint. At the end: test accuracy of the best adapter,
+`summary.json`, `metrics.jsonl` and `curves.png`. `resume=True` continues from the newest
+checkpoint with exactly the batches, dropout keys and optimiser state it would have had.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+from peftjax import methods
+from peftjax.core.adapter import num_params, summary
+from peftjax.data import vader
+from peftjax.io.adapter_file import load_adapter, save_adapter
+from peftjax.io.files import atomic_write_text
+from peftjax.models import build
+from peftjax.parallel.mesh import batch_sharded, make_mesh, replicated
+from peftjax.train import step as S
+from peftjax.train.checkpoint import Checkpointer
+from peftjax.train.metrics import MetricsLog, plot_curves
+
+log = logging.getLogger(__name__)
+
+
+def method_from_config(config) -> methods.Adapter:
+  """The method of `config.method` (`name` plus that method's keyword arguments)."""
+  kwargs = {k: v for k, v in config.to_dict().items() if k != 'name'}
+  try:
+    return methods.from_config({'method': config.name, **kwargs})
+  except TypeError as e:
+    raise ValueError(f'method {config.name!r}: {e}') from None
+
+
+def load_data(config, tokenizer) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+  """Token arrays and labels per split (the first `limit` rows of each if `limit` > 0)."""
+  if config.name != 'vader':
+    raise ValueError(f"unknown data set {config.name!r}; expected 'vader'")
+  out = {}
+  for name, split in vader.load_split(config.domain).items():
+    n = config.limit or len(split)
+    out[name] = (vader.encode(tokenizer, split.texts[:n], config.max_length), split.labels[:n])
+  return out
+
+
+# Config keys that may change between a run and its resumption without changing its result.
+_RESUMABLE = {'train.halt_at_step', 'train.checkpoint_every', 'train.keep_checkpoints',
+              'train.log_every'}
+
+
+def _prepare_workdir(workdir: pathlib.Path, config, resume: bool, ckpt: Checkpointer):
+  saved = workdir / 'config.json'
+  current = json.loads(config.to_json_best_effort())
+  if ckpt.latest_step() is not None and not resume:
+    raise FileExistsError(f'{workdir} already holds a run (checkpoint step '
+                          f'{ckpt.latest_step()}): pass --resume, or use a new --workdir')
+  if resume and saved.exists():
+    before = json.loads(saved.read_text())
+    changed = sorted(k for k in set(_flat(before)) | set(_flat(current))
+                     if _flat(before).get(k) != _flat(current).get(k) and k not in _RESUMABLE)
+    if changed:
+      raise ValueError(f'--resume with a different config than {saved}: {", ".join(changed)}')
+  atomic_write_text(saved, json.dumps(current, indent=2))
+
+
+def _flat(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    out |= _flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v}
+  return out
+
+
+def evaluate(eval_step, trainable, frozen, data, config, sharding) -> dict:
+  tokens, labels = data
+  sums = None
+  for batch in vader.batches(tokens, labels, config.train.eval_batch_size,
+                             bucket=config.data.bucket):
+    out = eval_step(trainable, frozen, jax.device_put(batch, sharding))
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  sums = jax.device_get(sums)
+  return {'loss': float(sums['loss'] / sums['count']),
+          'accuracy': float(sums['correct'] / sums['count'])}
+
+
+def train(config, workdir, *, resume: bool = False) -> dict:
+  """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  main = jax.process_index() == 0
+  ckpt = Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
+  _prepare_workdir(workdir, config, resume, ckpt)
+  metrics = MetricsLog(workdir / 'metrics.jsonl')
+  tc = config.train
+
+  backbone = build(config.model, config.data.max_length, config.seed)
+  data = load_data(config.data, backbone.tokenizer)
+  adapter = method_from_config(config.method)
+  k_adapter, k_head = jax.random.split(jax.random.key(config.seed))
+  frozen, adapter_state = adapter.init(k_adapter, backbone.params)
+  head = S.init_head(k_head, backbone.width, int(data['train'][1].max()) + 1)
+  print(summary(adapter, frozen, adapter_state, head), flush=True)
+
+  steps_per_epoch = vader.num_batches(len(data['train'][0]), tc.batch_size)
+  total_steps = steps_per_epoch * tc.epochs
+  with config.optimizer.unlocked():
+    config.optimizer.total_steps = total_steps
+  tx = S.make_optimizer(config.optimizer, adapter)
+
+  mesh = make_mesh(config.mesh.data)
+  rep, shard = replicated(mesh), batch_sharded(mesh)
+  state = jax.device_put(S.init_state({'adapter': adapter_state, 'head': head}, tx), rep)
+  frozen = jax.device_put(frozen, rep)
+  train_step = jax.jit(S.make_train_step(backbone, adapter, tx, config.seed),
+                       in_shardings=(rep, rep, shard), out_shardings=(rep, rep),
+                       donate_argnums=0)
+  eval_step = jax.jit(S.make_eval_step(backbone, adapter), in_shardings=(rep, rep, shard),
+                      out_shardings=rep)
+
+  pos = {'epoch': 0, 'batch': 0, 'best_accuracy': -1.0, 'best_epoch': -1}
+  best = None
+  if resume and ckpt.latest_step() is not None:
+    state, pos = ckpt.restore(ckpt.latest_step(), state)
+    metrics.rewind(int(state.step))
+    if pos['best_epoch'] >= 0:
+      _, _, best_state, best_head, _ = load_adapter(workdir / 'adapter', backbone.params)
+      best = {'adapter': best_state, 'head': best_head}
+    print(f'resumed at step {int(state.step)} (epoch {pos["epoch"]}, batch {pos["batch"]})')
+  elif main:
+    metrics.rewind(-1)
+
+  # Compile every padded length up front so the loop's steps/s measures training alone.
+  compiled = {}
+  for width in range(config.data.bucket, config.data.max_length + config.data.bucket,
+                     config.data.bucket):
+    spec = {k: jax.ShapeDtypeStruct((tc.batch_size, width) if k in ('input_ids',
+                                    'attention_mask') else (tc.batch_size,),
+                                    np.float32 if k == 'weights' else np.int32, sharding=shard)
+            for k in ('input_ids', 'attention_mask', 'labels', 'weights')}
+    compiled[width] = train_step.lower(state, frozen, spec).compile()
+
+  step = int(state.step)
+  pending, train_time, trained = [], 0.0, 0
+  bar = tqdm.tqdm(total=total_steps, initial=step, unit='step', disable=not main,
+                  mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+
+  def flush(epoch):
+    records = [{'kind': 'train', 'step': s, 'epoch': epoch, 'loss': float(l)}
+               for s, l in zip(*zip(*pending))] if pending else []
+    if records and main:
+      metrics.write(records)
+      bar.set_postfix(loss=f"{np.mean([r['loss'] for r in records]):.4f}", refresh=False)
+    pending.clear()
+
+  def save_checkpoint(epoch, batch):
+    ckpt.save(step, state, {**pos, 'epoch': epoch, 'batch': batch})
+
+  for epoch in range(pos['epoch'], tc.epochs):
+    start = pos['batch'] if epoch == pos['epoch'] else 0
+    tic = time.perf_counter()
+    for b, batch in enumerate(vader.batches(*data['train'], tc.batch_size, seed=config.seed,
+                                            epoch=epoch, start=start, bucket=config.data.bucket),
+                              start):
+      state, out = compiled[batch['input_ids'].shape[1]](state, frozen,
+                                                          jax.device_put(batch, shard))
+      step += 1
+      trained += 1
+      pending.append((step, out['loss']))
+      bar.update()
+      if step == tc.halt_at_step:
+        flush(epoch)
+        bar.close()
+        raise SystemExit(f'halted at step {step} (train.halt_at_step)')
+      if step % tc.log_every == 0:
+        flush(epoch)
+      if tc.checkpoint_every and step % tc.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+        flush(epoch)
+        jax.block_until_ready(state)
+        train_time += time.perf_counter() - tic
+        save_checkpoint(epoch, b + 1)
+        tic = time.perf_counter()
+    flush(epoch)
+    jax.block_until_ready(state)
+    train_time += time.perf_counter() - tic
+
+    val = evaluate(eval_step, state.trainable, frozen, data['val'], config, shard)
+    if main:
+      metrics.write([{'kind': 'val', 'step': step, 'epoch': epoch + 1, **val}])
+    bar.write(f"epoch {epoch + 1}/{tc.epochs}: val accuracy {val['accuracy']:.4f}, "
+              f"val loss {val['loss']:.4f}")
+    if val['accuracy'] > pos['best_accuracy']:
+      pos |= {'best_accuracy': val['accuracy'], 'best_epoch': epoch + 1}
+      best = jax.device_get(state.trainable)
+      if main:
+        save_adapter(workdir / 'adapter', adapter, frozen, best['adapter'], head=best['head'],
+                     base_model=backbone.model_id)
+    save_checkpoint(epoch + 1, 0)
+  bar.close()
+  ckpt.close()
+
+  best = best if best is not None else jax.device_get(state.trainable)
+  test = evaluate(eval_step, jax.device_put(best, rep), frozen, data['test'], config, shard)
+  adapter_file = workdir / 'adapter' / 'adapter.safetensors'
+  base_bytes = sum(x.nbytes for x in jax.tree.leaves(backbone.params))
+  result = {
+      'method': config.method.name,
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      'val_accuracy': pos['best_accuracy'], 'best_epoch': pos['best_epoch'],
+      'epochs': tc.epochs, 'steps': step,
+      'trainable_params': num_params(state.trainable),
+      'total_params': num_params(frozen) + num_params(state.trainable),
+      'train_steps_per_sec': trained / train_time if train_time else None,
+      'adapter_path': str(adapter_file.absolute()),
+      'adapter_bytes': adapter_file.stat().st_size if adapter_file.exists() else None,
+      'base_model_bytes': base_bytes,
+      'base_model': backbone.model_id,
+      'devices': mesh.size,
+  }
+  if main:
+    metrics.write([{'kind': 'test', 'step': step, **test}])
+    atomic_write_text(workdir / 'summary.json', json.dumps(result, indent=2))
+    plot_curves(metrics.read(), workdir / 'curves.png',
+                title=f"{config.method.name}: test accuracy {test['accuracy']:.4f}")
+  print(f"test accuracy {test['accuracy']:.4f} (best val {pos['best_accuracy']:.4f} at epoch "
+        f"{pos['best_epoch']}); summary in {workdir / 'summary.json'}")
+  return result

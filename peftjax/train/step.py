@@ -1,0 +1,89 @@
+"""The jitted pieces of training: state, optimiser, train step and eval step."""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from peftjax.core.adapter import Adapter, regularizer
+from peftjax.models import Backbone
+from peftjax.objectives.classification import cross_entropy, eval_counts
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training. `trainable` is `{'adapter': ..., 'head': ...}`."""
+  step: jax.Array
+  trainable: Any
+  opt_state: Any
+
+
+def init_head(rng, width: int, num_classes: int):
+  """A linear head with torch's Linear init, U(-1/sqrt(width), 1/sqrt(width))."""
+  bound = 1.0 / math.sqrt(width)
+  k1, k2 = jax.random.split(rng)
+  return {'kernel': jax.random.uniform(k1, (width, num_classes), jnp.float32, -bound, bound),
+          'bias': jax.random.uniform(k2, (num_classes,), jnp.float32, -bound, bound)}
+
+
+def make_optimizer(config, adapter: Adapter) -> optax.GradientTransformation:
+  """AdamW (constant LR, or warm-up + cosine decay), after the method's own transform."""
+  lr = config.lr
+  if config.get('schedule', 'constant') == 'cosine':
+    lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
+                                            max(config.total_steps, config.warmup_steps + 1))
+  parts = []
+  if adapter.tx is not None:
+    parts.append(optax.multi_transform({'adapter': adapter.tx, 'head': optax.identity()},
+                                       {'adapter': 'adapter', 'head': 'head'}))
+  if config.get('clip_norm'):
+    parts.append(optax.clip_by_global_norm(config.clip_norm))
+  parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay))
+  return optax.chain(*parts)
+
+
+def init_state(trainable, tx) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+
+def logits_fn(backbone: Backbone, adapter: Adapter):
+  def logits(trainable, frozen, batch, *, train=False, rng=None):
+    params = adapter.apply(frozen, trainable['adapter'])
+    pooled = backbone.embed(params, batch, train=train, rng=rng)
+    head = trainable['head']
+    return pooled @ head['kernel'] + head['bias']
+  return logits
+
+
+def make_train_step(backbone: Backbone, adapter: Adapter, tx, seed: int):
+  """`step(state, frozen, batch) -> (state, metrics)`; dropout keys derive from (seed, step)."""
+  logits = logits_fn(backbone, adapter)
+
+  def loss_fn(trainable, frozen, batch, rng):
+    out = logits(trainable, frozen, batch, train=True, rng=rng)
+    loss = cross_entropy(out, batch['labels'], batch['weights'])
+    return loss + regularizer(adapter, trainable['adapter']), loss
+
+  def step(state: TrainState, frozen, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.trainable, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    return TrainState(state.step + 1, trainable, opt_state), metrics
+
+  return step
+
+
+def make_eval_step(backbone: Backbone, adapter: Adapter):
+  """`eval_step(trainable, frozen, batch) -> {'loss', 'correct', 'count'}` sums."""
+  logits = logits_fn(backbone, adapter)
+
+  def eval_step(trainable, frozen, batch):
+    return eval_counts(logits(trainable, frozen, batch), batch['labels'], batch['weights'])
+
+  return eval_step

@@ -1,0 +1,36 @@
+"""peftjax: parameter-efficient fine-tuning as pure functions over Flax param trees."""
+import setuptools
+
+setuptools.setup(
+    name='peftjax',
+    version='0.1.0',
+    description='Parameter-efficient fine-tuning methods as pure functions over Flax param trees',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.11',
+    packages=setuptools.find_packages(include=['peftjax', 'peftjax.*']),
+    # Floors are the versions the test suite runs against.
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'chex>=0.1.92',
+        'ml_collections>=1.1.0',
+        'absl-py>=2.5.1',
+        'numpy>=2.4',
+        'safetensors>=0.8.0',
+        'tokenizers>=0.23.3',
+        'matplotlib>=3.11',
+        'tqdm>=4.70',
+    ],
+    extras_require={'test': ['pytest>=9.2']},
+)
+cat > .gitignore <<'EOF'
+__pycache__/
+*.egg-info/
+.venv/
+runs/
+.pytest_cache/
+build/

@@ -1,0 +1,133 @@
+"""The trainer end to end on a tiny random BERT and a slice of the real VADER data."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from configs import minilm_vader_lora, minilm_vader_probe
+from peftjax.train.checkpoint import CheckpointError
+from peftjax.train.loop import train
+
+
+def tiny(get_config=minilm_vader_lora.get_config, **train_overrides):
+  c = get_config()
+  c.model = ml_collections.ConfigDict(
+      {'name': 'bert', 'hidden_size': 32, 'num_layers': 2, 'num_heads': 4,
+       'intermediate_size': 64})
+  c.data.limit, c.data.max_length = 80, 32
+  c.train.batch_size, c.train.eval_batch_size, c.train.epochs = 16, 32, 2
+  c.train.checkpoint_every, c.train.log_every = 2, 2
+  c.train.update(train_overrides)
+  return c
+
+
+def train_losses(workdir):
+  return [(r['step'], r['loss']) for r in map(json.loads, (workdir / 'metrics.jsonl').open())
+          if r['kind'] == 'train']
+
+
+def adapter_tensors(workdir):
+  return safetensors.numpy.load_file(str(workdir / 'adapter' / 'adapter.safetensors'))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('full_run')
+  return workdir, train(tiny(), workdir)
+
+
+def test_run_writes_summary_adapter_metrics_and_plot(uninterrupted):
+  workdir, summary = uninterrupted
+  on_disk = json.loads((workdir / 'summary.json').read_text())
+  assert on_disk == summary
+  for key in ('test_accuracy', 'val_accuracy', 'trainable_params', 'total_params',
+              'train_steps_per_sec', 'epochs', 'adapter_path', 'adapter_bytes'):
+    assert on_disk[key] is not None, key
+  assert 0.0 <= summary['test_accuracy'] <= 1.0
+  assert summary['steps'] == 2 * 5  # 80 rows / batch 16, two epochs
+  assert summary['adapter_bytes'] == (workdir / 'adapter' / 'adapter.safetensors').stat().st_size
+  assert (workdir / 'curves.png').stat().st_size > 1000
+  steps = [s for s, _ in train_losses(workdir)]
+  assert steps == list(range(1, 11))
+  val = [json.loads(l) for l in (workdir / 'metrics.jsonl').open() if '"val"' in l]
+  assert [r['epoch'] for r in val] == [1, 2]
+  assert max(r['accuracy'] for r in val) == summary['val_accuracy']
+
+
+def test_adapter_file_holds_lora_and_head_only(uninterrupted):
+  workdir, summary = uninterrupted
+  tensors = adapter_tensors(workdir)
+  assert all(k.startswith(('state/', 'head/')) for k in tensors)
+  assert sum(v.size for v in tensors.values()) == summary['trainable_params']
+
+
+def test_resume_continues_bit_exactly(uninterrupted, tmp_path):
+  reference, summary = uninterrupted
+  with pytest.raises(SystemExit, match='halted at step 7'):
+    train(tiny(halt_at_step=7), tmp_path)  # dies after the step-6 checkpoint
+  resumed = train(tiny(), tmp_path, resume=True)
+  assert train_losses(tmp_path) == train_losses(reference)
+  for key in ('test_accuracy', 'val_accuracy', 'best_epoch', 'steps'):
+    assert resumed[key] == summary[key]
+  a, b = adapter_tensors(tmp_path), adapter_tensors(reference)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_across_an_epoch_boundary(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  with pytest.raises(SystemExit):
+    train(tiny(halt_at_step=6, checkpoint_every=0), tmp_path)  # only the epoch-1 checkpoint
+  train(tiny(), tmp_path, resume=True)
+  assert train_losses(tmp_path) == train_losses(reference)
+
+
+def test_existing_run_needs_resume_and_the_same_config(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  with pytest.raises(FileExistsError, match='--resume'):
+    train(tiny(), workdir)
+  changed = tiny()
+  changed.optimizer.lr = 0.5
+  with pytest.raises(ValueError, match='optimizer.lr'):
+    train(changed, workdir, resume=True)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(SystemExit):
+    train(tiny(halt_at_step=3), tmp_path)
+  for f in (tmp_path / 'checkpoints' / '2').rglob('*'):
+    if f.is_file() and f.name == 'manifest.ocdbt':
+      f.write_bytes(b'garbage')
+  with pytest.raises(CheckpointError, match='step 2'):
+    train(tiny(), tmp_path, resume=True)
+
+
+def test_probe_trains_only_the_head(tmp_path):
+  summary = train(tiny(minilm_vader_probe.get_config, epochs=1), tmp_path)
+  assert summary['trainable_params'] == 32 * 2 + 2
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', 'experiments.run', *args],
+                        capture_output=True, text=True, timeout=120,
+                        cwd=pathlib.Path(__file__).parents[1])
+
+
+def test_cli_unknown_config_key_is_one_line_error(tmp_path):
+  out = _cli('--config=configs/minilm_vader_lora.py', f'--workdir={tmp_path}',
+             '--config.method.rnk=4')
+  assert out.returncode != 0
+  assert 'rnk' in out.stderr and 'Traceback' not in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_config_file_is_one_line_error(tmp_path):
+  out = _cli('--config=configs/no_such_config.py', f'--workdir={tmp_path}')
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert 'no_such_config.py' in out.stderr
