@@ -27,10 +27,3 @@ setuptools.setup(
     ],
     extras_require={'test': ['pytest>=9.2']},
 )
-cat > .gitignore <<'EOF'
-__pycache__/
-*.egg-info/
-.venv/
-runs/
-.pytest_cache/
-build/

@@ -90,7 +90,7 @@ def measure_jax(spec: dict) -> dict:
   import jaxlib  # pylint: disable=g-import-not-at-top
   from peftjax.core.adapter import num_params  # pylint: disable=g-import-not-at-top
   from peftjax.models import build  # pylint: disable=g-import-not-at-top
-  from peftjax.parallel.mesh import batch_sharded, make_mesh, replicated  # pylint: disable=g-import-not-at-top
+  from peftjax.parallel import mesh as M  # pylint: disable=g-import-not-at-top
   from peftjax.train import step as S  # pylint: disable=g-import-not-at-top
   from peftjax.train.loop import method_from_config  # pylint: disable=g-import-not-at-top
 
@@ -105,8 +105,8 @@ def measure_jax(spec: dict) -> dict:
     config.optimizer.total_steps = spec['warmup'] + spec['steps']
   tx = S.make_optimizer(config.optimizer, adapter)
 
-  mesh = make_mesh(config.mesh.data)
-  rep, shard = replicated(mesh), batch_sharded(mesh)
+  mesh = M.make_mesh(config.mesh.data)
+  rep, shard = M.replicated(mesh), M.batch_sharded(mesh)
   state = jax.device_put(S.init_state({'adapter': adapter_state, 'head': head}, tx), rep)
   frozen = jax.device_put(frozen, rep)
   train_step = jax.jit(S.make_train_step(backbone, adapter, tx, config.seed),
@@ -393,6 +393,10 @@ def report(summary: dict, rat: dict, env: dict, described: dict, args) -> str:
     out.append(f'- {env["torch"]}')
   out.append(f'- load average before / after: {env["load_before"]} / {env["load_after"]}; '
              f'wall time {env["wall_s"]:.0f} s')
+  if env['busy']:
+    out.append(f'- warning: the machine was busy (1-minute load {env["busy"]:.2f} on '
+               f'{env["cores_available"]} cores before the run): timings are contended, '
+               'multi-threaded torch most of all; rerun on a quiet machine.')
   out.append('- step ms: median over rounds of each round\'s median; p10–p90 over all timed '
              'steps; peak RSS: the largest over rounds, per configuration process.')
   return '\n'.join(out)
@@ -459,7 +463,8 @@ def main(argv=None) -> int:
     print(RESULT_MARK + json.dumps(measure(json.loads(args.one))), flush=True)
     return 0
   start = time.perf_counter()
-  load_before = ' '.join(f'{x:.2f}' for x in os.getloadavg())
+  load = os.getloadavg()
+  load_before = ' '.join(f'{x:.2f}' for x in load)
   if args.torch and not torch_available():
     print('note: torch, transformers or peft not installed; peftjax rows only',
           file=sys.stderr)
@@ -476,7 +481,8 @@ def main(argv=None) -> int:
   summary = {name: summarize(rounds) for name, rounds in results.items()}
   rat = ratios(summary)
   env = environment(summary, args)
-  env.update(load_before=load_before, load_after=' '.join(f'{x:.2f}' for x in os.getloadavg()),
+  env.update(busy=load[0] if load[0] > 0.5 else None, load_before=load_before,
+             load_after=' '.join(f'{x:.2f}' for x in os.getloadavg()),
              wall_s=time.perf_counter() - start,
              batch_shape=next((s['batch_shape'] for rounds in results.values()
                                for s in rounds if 'batch_shape' in s), [None, args.seq_len]))

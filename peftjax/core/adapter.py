@@ -78,7 +78,8 @@ def chain(*adapters: Adapter) -> Adapter:
     states, current = [state], adapters[0].apply(frozen, state)
     for adapter, key in zip(adapters[1:], rngs[1:]):
       base, state = adapter.init(key, current, calib=calib)
-      if not all(a is b for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(current))):
+      flat = P.flatten(current)
+      if any(flat.get(p) is not leaf for p, leaf in P.flatten(base).items()):
         raise ValueError(f"only the first method of a chain may re-base the frozen tree; "
                          f"{adapter.config.get('method')!r} did")
       states.append(state)
@@ -131,7 +132,7 @@ def describe_targets(adapter: Adapter, frozen, state) -> dict[str, dict]:
           for path, s in state.items()}
 
 
-def summary(adapter: Adapter, frozen, state, head=None) -> str:
+def summary(adapter: Adapter, frozen, state, head=None, max_rows: int = 48) -> str:
   """A table of adapted parameters and the trainable / total parameter counts."""
   rows = describe_targets(adapter, frozen, state)
   extra_keys = sorted({k for info in rows.values() for k in info} - {'shape', 'trainable'})
@@ -139,10 +140,13 @@ def summary(adapter: Adapter, frozen, state, head=None) -> str:
   header = f"{'target':<{width}}  {'shape':>12}  {'trainable':>10}" + ''.join(
       f'  {k:>8}' for k in extra_keys)
   lines = [f"method: {adapter.config.get('method')}", header, '-' * len(header)]
-  for path, info in rows.items():
+  shown = dict(list(rows.items())[:max_rows])
+  for path, info in shown.items():
     lines.append(f"{path:<{width}}  {'x'.join(map(str, info['shape'])):>12}  "
                  f"{info['trainable']:>10,}" + ''.join(
                      f'  {_fmt(info.get(k, "")):>8}' for k in extra_keys))
+  if len(rows) > max_rows:
+    lines.append(f'... and {len(rows) - max_rows} more')
   trainable = num_params(state) + num_params(head or {})
   total = num_params(frozen) + trainable
   lines.append(f'trainable params: {trainable:,} || all params: {total:,} || '

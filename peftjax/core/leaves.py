@@ -84,7 +84,7 @@ def dense(x, kernel, rng=None):
 
 def _dense2d(x, kernel, rng):
   if isinstance(kernel, LowRank):
-    y = _dense2d(x, kernel.w, rng)
+    y = _dense2d(x, kernel.w, None if rng is None else jax.random.fold_in(rng, 0))
     h = dropout(None if rng is None else jax.random.fold_in(rng, 1), x, kernel.dropout)
     return y + ((h @ kernel.a.astype(h.dtype)) @ kernel.b.astype(h.dtype)) * kernel.scale
   return x @ kernel.astype(x.dtype)

@@ -8,6 +8,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
@@ -72,7 +73,10 @@ def load_adapter(directory, params, *, rng=None):
     raise AdapterFileError(f'cannot read {directory / WEIGHTS_FILE}: {e}') from None
   adapter = methods.from_config(meta['method'])
   rng = jax.random.key(0) if rng is None else rng
-  frozen, template = adapter.init(rng, params)
+  try:
+    frozen, template = adapter.init(rng, params)
+  except ValueError as e:  # e.g. a target pattern that matches nothing in these params
+    raise AdapterFileError(f'adapter at {directory} does not fit these params: {e}') from None
   expected = P.flatten(template)
   found = {k[len('state/'):]: v for k, v in tensors.items() if k.startswith('state/')}
   problems = [f'{k}: expected {tuple(v.shape)}, found '
@@ -84,8 +88,10 @@ def load_adapter(directory, params, *, rng=None):
                            + '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else ''))
   leaves, treedef = jax.tree.flatten(template)
   keys = list(expected)
-  state = jax.tree.unflatten(treedef, [found[k].astype(l.dtype) for k, l in zip(keys, leaves)])
-  head = P.unflatten({k[len('head/'):]: v for k, v in tensors.items() if k.startswith('head/')})
+  state = jax.tree.unflatten(treedef, [jnp.asarray(found[k], l.dtype)
+                                      for k, l in zip(keys, leaves)])
+  head = P.unflatten({k[len('head/'):]: jnp.asarray(v) for k, v in tensors.items()
+                      if k.startswith('head/')})
   return adapter, frozen, state, head or None, meta
 
 
