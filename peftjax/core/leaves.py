@@ -7,6 +7,7 @@ gradient. `materialize` turns any tree back into plain arrays for third-party mo
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -86,9 +87,34 @@ def _dense2d(x, kernel, rng):
   if isinstance(kernel, LowRank):
     y = _dense2d(x, kernel.w, None if rng is None else jax.random.fold_in(rng, 0))
     h = dropout(None if rng is None else jax.random.fold_in(rng, 1), x, kernel.dropout)
-    return y + ((h @ kernel.a.astype(h.dtype)) @ kernel.b.astype(h.dtype)) * kernel.scale
+    return y + _low_rank_path(h, kernel.a.astype(h.dtype), kernel.b.astype(h.dtype),
+                              kernel.scale)
   return x @ kernel.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank_path(h, a, b, scale):
+  """`(h @ a) @ b * scale` for 2-D `h`, with a backward pass laid out for speed."""
+  return ((h @ a) @ b) * scale
+
+
+def _low_rank_path_fwd(h, a, b, scale):
+  u = h @ a
+  return (u @ b) * scale, (h, a, b, u)
+
+
+def _low_rank_path_bwd(scale, residuals, g):
+  h, a, b, u = residuals
+  du = (g @ b.T) * scale
+  # dA = h.T @ du, computed as (du.T @ h).T: XLA:CPU contracts the long token axis ~10x
+  # faster into a (r, in) result than into (in, r); the barrier keeps XLA from rewriting
+  # the small transpose back into the slow product.
+  da = jax.lax.optimization_barrier(du.T @ h).T
+  return du @ a.T, da, (u.T @ g) * scale
 
 
 def _describe(x):
   return f'{type(x).__name__}{tuple(x.shape)}' if hasattr(x, 'shape') else repr(x)
+
+
+_low_rank_path.defvjp(_low_rank_path_fwd, _low_rank_path_bwd)
