@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import jax
@@ -247,3 +248,14 @@ def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch, stage):
   with pytest.raises(TypeError):
     save_adapter(tmp_path / 'fresh', adapter, frozen, newer, base_model=object())
   assert sorted(f.name for f in tmp_path.iterdir()) == ['a']
+
+
+def test_saved_files_get_the_modes_of_ordinary_files(tmp_path):
+  adapter = pj.lora('kernel', rank=2)
+  frozen, state = adapter.init(jax.random.key(0), params(0))
+  save_adapter(tmp_path / 'out', adapter, frozen, state)
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert (tmp_path / 'out').stat().st_mode & 0o777 == 0o777 & ~umask
+  for f in (tmp_path / 'out').iterdir():
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f

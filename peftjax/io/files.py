@@ -16,6 +16,9 @@ def atomic_dir(target):
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
   try:
     yield tmp
+    for f in tmp.rglob('*'):
+      f.chmod(_mode(0o777 if f.is_dir() else 0o666))
+    tmp.chmod(_mode(0o777))  # Temp files are private; the result gets the usual modes.
     if target.exists():
       old = target.with_name(f'.{target.name}.old-{os.getpid()}')
       os.replace(target, old)
@@ -37,8 +40,23 @@ def atomic_write_text(path, text: str):
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, _mode(0o666))
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def _read_umask() -> int:
+  umask = os.umask(0o022)  # Read once, at import (before any writer threads start).
+  os.umask(umask)
+  return umask
+
+
+_UMASK = _read_umask()
+
+
+def _mode(base: int) -> int:
+  """`base` under the process umask: the mode `open`/`mkdir` would have given."""
+  return base & ~_UMASK
