@@ -233,3 +233,16 @@ def test_stacked_adapters_on_one_weight_draw_independent_dropout_masks():
   np.testing.assert_allclose(out.mean(0), [1.0, 1.0], atol=0.03)
   kept_inner, kept_outer = out[:, 0] != 0, out[:, 1] != 0
   assert float((kept_inner == kept_outer).mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_chain_unmerge_refuses_a_later_method_that_replaced_values():
+  t = tree(9)
+  adapter = pj.chain(pj.lora('query/kernel', rank=2), pj.full(['bias']))
+  frozen, state = adapter.init(jax.random.key(0), t)
+  with pytest.raises(NotImplementedError, match=r"method 1 \('full'\).*bias"):
+    pj.unmerge(adapter, pj.merge(adapter, frozen, state), state)
+  first = pj.chain(pj.full(['bias']), pj.lora('query/kernel', rank=2))
+  frozen, state = first.init(jax.random.key(0), t)
+  state = (state[0], randomize(state[1], 1))
+  unmerged = pj.unmerge(first, pj.merge(first, frozen, state), state)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), unmerged, frozen)

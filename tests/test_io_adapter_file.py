@@ -259,3 +259,16 @@ def test_saved_files_get_the_modes_of_ordinary_files(tmp_path):
   assert (tmp_path / 'out').stat().st_mode & 0o777 == 0o777 & ~umask
   for f in (tmp_path / 'out').iterdir():
     assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+@pytest.mark.parametrize('method', [{'method': 'no_such_method'},
+                                    {'method': 'lora', 'targets': ['kernel'], 'bogus': 1}])
+def test_a_config_naming_an_unknown_method_or_argument_is_a_clear_error(tmp_path, method):
+  adapter = pj.lora('kernel', rank=2)
+  frozen, state = adapter.init(jax.random.key(0), params(0))
+  save_adapter(tmp_path / 'out', adapter, frozen, state)
+  config = json.loads((tmp_path / 'out' / adapter_file.CONFIG_FILE).read_text())
+  config['method'] = method
+  (tmp_path / 'out' / adapter_file.CONFIG_FILE).write_text(json.dumps(config))
+  with pytest.raises(AdapterFileError, match='cannot rebuild the method'):
+    load_adapter(tmp_path / 'out', params(0))

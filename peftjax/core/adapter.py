@@ -96,8 +96,14 @@ def chain(*adapters: Adapter) -> Adapter:
     return sum(regularizer(a, s) for a, s in zip(adapters, states))
 
   def unmerge_all(merged, states):
-    for adapter, state in reversed(list(zip(adapters, states))):
+    for i, (adapter, state) in reversed(list(enumerate(zip(adapters, states)))):
+      paths = set(P.flatten(merged))
       merged = unmerge(adapter, merged, state)
+      lost = paths - set(P.flatten(merged))
+      if i and lost:  # e.g. `full`: the values it replaced are not in the merged tree
+        raise NotImplementedError(
+            f"cannot unmerge the chain: method {i} ({adapter.config.get('method')!r}) cannot "
+            f"restore what it replaced: {sorted(lost)[:3]}")
     return merged
 
   def describe(frozen, states):

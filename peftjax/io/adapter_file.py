@@ -71,7 +71,10 @@ def load_adapter(directory, params, *, rng=None):
     tensors = safetensors.numpy.load_file(str(directory / WEIGHTS_FILE))
   except Exception as e:  # safetensors raises several types for truncated/corrupt files
     raise AdapterFileError(f'cannot read {directory / WEIGHTS_FILE}: {e}') from None
-  adapter = methods.from_config(meta['method'])
+  try:
+    adapter = methods.from_config(meta['method'])
+  except (ValueError, TypeError) as e:  # an unknown method or arguments it does not take
+    raise AdapterFileError(f'{directory / CONFIG_FILE}: cannot rebuild the method: {e}') from None
   rng = jax.random.key(0) if rng is None else rng
   try:
     frozen, template = adapter.init(rng, params)
