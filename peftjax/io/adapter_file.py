@@ -1,6 +1,10 @@
 """Adapter-only files: `adapter.safetensors` (the trainable state, and a task head if any)
 plus `adapter_config.json` (method config, targets with their shapes, ranks and scales, base
 model id). Loading checks the file against the param tree it is loaded into.
+
+Data-initialised methods (CorDA, LoRA-GA) re-base the frozen tree on factors computed from
+calibration data; their `calib.CalibratedResidual` leaves' initial factors are saved under
+`frozen/` and handed back to `init` as `calib.Restored`, so loading needs no data.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import numpy as np
 import safetensors.numpy
 
 from peftjax import methods
+from peftjax.core import calib
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter, describe_targets
 from peftjax.io.files import atomic_dir
@@ -31,6 +36,7 @@ def save_adapter(directory, adapter: Adapter, frozen, state, *, head=None,
   """Writes the adapter (atomically) and returns the weights file's path."""
   tensors = {f'state/{k}': np.asarray(v) for k, v in P.flatten(state).items()}
   tensors |= {f'head/{k}': np.asarray(v) for k, v in P.flatten(head or {}).items()}
+  tensors |= {f'frozen/{k}': v for k, v in calib.calibrated_tensors(frozen).items()}
   meta = {
       'format': FORMAT, 'version': 1, 'method': adapter.config, 'base_model': base_model,
       'targets': describe_targets(adapter, frozen, state),
@@ -76,12 +82,14 @@ def load_adapter(directory, params, *, rng=None):
   except (ValueError, TypeError) as e:  # an unknown method or arguments it does not take
     raise AdapterFileError(f'{directory / CONFIG_FILE}: cannot rebuild the method: {e}') from None
   rng = jax.random.key(0) if rng is None else rng
+  found = {k[len('state/'):]: v for k, v in tensors.items() if k.startswith('state/')}
+  saved = calib.Restored(found, {k[len('frozen/'):]: v for k, v in tensors.items()
+                                 if k.startswith('frozen/')})
   try:
-    frozen, template = adapter.init(rng, params)
+    frozen, template = adapter.init(rng, params, calib=saved)
   except ValueError as e:  # e.g. a target pattern that matches nothing in these params
     raise AdapterFileError(f'adapter at {directory} does not fit these params: {e}') from None
   expected = P.flatten(template)
-  found = {k[len('state/'):]: v for k, v in tensors.items() if k.startswith('state/')}
   problems = [f'{k}: expected {tuple(v.shape)}, found '
               f'{tuple(found[k].shape) if k in found else "nothing"}'
               for k, v in expected.items() if k not in found or found[k].shape != v.shape]

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 from peftjax.core.adapter import Adapter, chain
+from peftjax.methods.data_init import corda, eva, lora_ga
 from peftjax.methods.full import full, probe
 from peftjax.methods.lora import lora, rslora
+from peftjax.methods.lora_pro import lora_pro
+from peftjax.methods.svd_init import loldu, milora, pissa, soka, soma, sorsa, svfit
 
 REGISTRY = {'lora': lora, 'rslora': rslora, 'full': full, 'probe': probe}
+REGISTRY |= {'pissa': pissa, 'milora': milora, 'soma': soma, 'sorsa': sorsa, 'svfit': svfit,
+             'loldu': loldu, 'soka': soka}
+REGISTRY |= {'lora_pro': lora_pro}
+REGISTRY |= {'corda': corda, 'eva': eva, 'lora_ga': lora_ga}
 
 
 def from_config(config: dict) -> Adapter:

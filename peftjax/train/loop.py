@@ -4,9 +4,12 @@ Per epoch: train over the shuffled train split, evaluate on val, keep the best a
 val accuracy) in `WORKDIR/adapter`, checkpoint. At the end: test accuracy of the best adapter,
 `summary.json`, `metrics.jsonl` and `curves.png`. `resume=True` continues from the newest
 checkpoint with exactly the batches, dropout keys and optimiser state it would have had.
+Data-initialised methods (CorDA, EVA, LoRA-GA) get a lazy `Calibration` on the first
+`config.calibration.batches` training batches (deterministic, so a resume rebuilds it).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pathlib
@@ -19,10 +22,12 @@ import tqdm
 
 from peftjax import methods
 from peftjax.core.adapter import num_params, summary
+from peftjax.core.calib import Calibration
 from peftjax.data import vader
 from peftjax.io.adapter_file import load_adapter, save_adapter
 from peftjax.io.files import atomic_write_text
-from peftjax.models import build
+from peftjax.models import Backbone, build
+from peftjax.objectives.classification import cross_entropy
 from peftjax.parallel.mesh import batch_sharded, make_mesh, replicated
 from peftjax.train import step as S
 from peftjax.train.checkpoint import Checkpointer
@@ -49,6 +54,26 @@ def load_data(config, tokenizer) -> dict[str, tuple[list[np.ndarray], np.ndarray
     n = config.limit or len(split)
     out[name] = (vader.encode(tokenizer, split.texts[:n], config.max_length), split.labels[:n])
   return out
+
+
+def calibration(config, backbone: Backbone, train_data, head) -> Calibration:
+  """Statistics on the first `config.calibration.batches` (default 8) training batches of
+  epoch 0, for data-initialised methods (CorDA, EVA, LoRA-GA); lazy, so other methods pay
+  nothing. Rows are masked by attention mask and batch weight; the loss is the classifier's
+  (with the freshly initialised head) in inference mode, so the result is deterministic."""
+  n = (config.get('calibration') or {}).get('batches', 8)
+  tc = config.train
+
+  def batches():
+    return itertools.islice(vader.batches(*train_data, tc.batch_size, seed=config.seed, epoch=0,
+                                          bucket=config.data.bucket), n)
+
+  def loss_fn(params, batch):
+    logits = backbone.embed(params, batch) @ head['kernel'] + head['bias']
+    return cross_entropy(logits, batch['labels'], batch['weights'])
+
+  return Calibration(backbone.embed, backbone.params, batches, loss_fn=loss_fn,
+                     mask_fn=lambda b: b['attention_mask'] * b['weights'][:, None])
 
 
 # Config keys that may change between a run and its resumption without changing its result.
@@ -104,8 +129,9 @@ def train(config, workdir, *, resume: bool = False) -> dict:
   data = load_data(config.data, backbone.tokenizer)
   adapter = method_from_config(config.method)
   k_adapter, k_head = jax.random.split(jax.random.key(config.seed))
-  frozen, adapter_state = adapter.init(k_adapter, backbone.params)
   head = S.init_head(k_head, backbone.width, int(data['train'][1].max()) + 1)
+  frozen, adapter_state = adapter.init(
+      k_adapter, backbone.params, calib=calibration(config, backbone, data['train'], head))
   print(summary(adapter, frozen, adapter_state, head), flush=True)
 
   steps_per_epoch = vader.num_batches(len(data['train'][0]), tc.batch_size)

@@ -36,13 +36,23 @@ def make_optimizer(config, adapter: Adapter) -> optax.GradientTransformation:
                                             max(config.total_steps, config.warmup_steps + 1))
   parts = []
   if adapter.tx is not None:
-    parts.append(optax.multi_transform({'adapter': adapter.tx, 'head': optax.identity()},
-                                       {'adapter': 'adapter', 'head': 'head'}))
+    parts.append(_on_adapter(adapter.tx))
   if config.get('clip_norm'):
     parts.append(optax.clip_by_global_norm(config.clip_norm))
   parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
   return optax.chain(*parts)
+
+
+def _on_adapter(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on the `adapter` part of `{'adapter', 'head'}` trees; the head passes through."""
+
+  def update(updates, state, params=None):
+    adapted, state = tx.update(updates['adapter'], state,
+                               None if params is None else params['adapter'])
+    return {**updates, 'adapter': adapted}, state
+
+  return optax.GradientTransformation(lambda params: tx.init(params['adapter']), update)
 
 
 def init_state(trainable, tx) -> TrainState:

@@ -1,0 +1,308 @@
+"""Methods initialised from calibration data (`peftjax.core.calib.Calibration`).
+
+- CorDA: LoRA factors from the SVD of the weight oriented by the input covariance.
+- EVA: A from the top right-singular vectors of the layer inputs, B = 0, ranks moved across
+  layers by explained variance.
+- LoRA-GA: LoRA factors from the SVD of the averaged weight gradient.
+
+All three run as LoRA (`LowRank(base, a, b, scale)`) and need `calib=Calibration(...)` in
+`init` (the trainer builds one from `config.calibration`). CorDA and LoRA-GA re-base the frozen
+tree on `W - scale * a0 @ b0`, held as a `calib.CalibratedResidual` that keeps `a0` and `b0`:
+adapter files save them and `load_adapter` hands them back as `calib.Restored`, so a saved
+adapter loads with the base params alone (no data). They cannot be unmerged: the merged
+weight and the state do not determine `a0`, `b0`. EVA leaves W unchanged; on load its
+per-layer ranks come from the saved state. Factorisations run in float32.
+
+Weights are Flax kernels W (in, out), y = x @ W; the papers write W (out, in), y = W x.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.core import calib as C
+from peftjax.core import paths as P
+from peftjax.core.adapter import Adapter
+from peftjax.core.leaves import LowRank, materialize
+
+CORDA_MODES = ('kpm', 'ipm')
+_HI = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def _targets(targets) -> list[str]:
+  return list([targets] if isinstance(targets, str) else targets)
+
+
+def _check_dropout(name: str, dropout: float):
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'{name} dropout must be in [0, 1), got {dropout}')
+
+
+def _check_rank(name: str, path: str, r, shape, factor: int = 1) -> int:
+  """`r` if it is a positive int with factor * r <= min(shape), else a ValueError."""
+  if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+    raise ValueError(f'{name} rank for {path} must be a positive int, got {r!r}')
+  if factor * r > min(shape):
+    raise ValueError(f'{name} needs {factor} * rank <= min{tuple(shape)} of {path}; rank is {r}'
+                     if factor > 1 else f'{name} rank {r} exceeds min{tuple(shape)} of {path}')
+  return r
+
+
+def _select(params, targets, rank_pattern=None):
+  flat = P.flatten(params)
+  chosen = P.select({p: v for p, v in flat.items() if v.ndim == 2}, targets,
+                    what='2-D parameter')
+  P.check_overrides(chosen, rank_pattern, 'rank_pattern')
+  return flat, chosen
+
+
+def _base(leaf):
+  """The weight an adapted frozen leaf stands for (a `CalibratedResidual`'s residual)."""
+  return leaf.w if isinstance(leaf, C.CalibratedResidual) else leaf
+
+
+def _apply(name, scale, dropout):
+  def apply(frozen, state):
+    flat = P.flatten(frozen)
+    for path, ab in state.items():
+      w = _base(flat[path])
+      chex.assert_shape(ab['a'], (w.shape[0], None), custom_message=f'{name} A of {path}')
+      chex.assert_shape(ab['b'], (ab['a'].shape[1], w.shape[1]),
+                        custom_message=f'{name} B of {path}')
+      flat[path] = LowRank(w, ab['a'], ab['b'], scale(ab['a'].shape[1]), dropout)
+    return P.unflatten(flat)
+  return apply
+
+
+def _describe(scale, targets=None):
+  """Per target: shape, trainable count, rank and scale (with `targets`, rank-0 ones too)."""
+  def describe(frozen, state):
+    flat = P.flatten(frozen)
+    out = {}
+    for path in (P.select({p: v for p, v in flat.items() if v.ndim == 2}, targets)
+                 if targets is not None else state):
+      ab = state.get(path)
+      r = 0 if ab is None else int(ab['a'].shape[1])
+      out[path] = {'shape': list(flat[path].shape),
+                   'trainable': 0 if ab is None else int(ab['a'].size + ab['b'].size),
+                   'rank': r, 'scale': scale(r) if r else 0.0}
+    return out
+  return describe
+
+
+def _rebased(name, config, *, scale, factor, stats, factorise, rank_pattern, dropout) -> Adapter:
+  """CorDA and LoRA-GA: per target `factorise(w, r, stat) -> (a0, b0)` (float32), a frozen
+  `CalibratedResidual(W - scale * a0 @ b0, a0, b0)` and a state starting at (a0, b0)."""
+
+  def init(rng, params, *, calib=None):
+    del rng
+    flat, chosen = _select(params, config['targets'], rank_pattern)
+    weights = {p: materialize(flat[p]) for p in chosen}
+    ranks = {p: _check_rank(name, p, P.first_match(p, rank_pattern, config['rank']),
+                            weights[p].shape, factor) for p in chosen}
+    if isinstance(calib, C.Restored):
+      pairs = ((p, _restored(name, calib, p)) for p in chosen)
+    else:
+      source = C.live(name, calib)
+      pairs = ((p, factorise(weights[p].astype(jnp.float32), ranks[p], stat))
+               for p, stat in stats(source, chosen))
+    state = {}
+    for path, (a, b) in pairs:
+      w, r = weights[path], ranks[path]
+      a, b = jnp.asarray(a).astype(w.dtype), jnp.asarray(b).astype(w.dtype)
+      if a.shape != (w.shape[0], r) or b.shape != (r, w.shape[1]):
+        raise ValueError(f'{name}: factors of {path} are {a.shape} and {b.shape}; expected '
+                         f'{(w.shape[0], r)} and {(r, w.shape[1])}')
+      residual = w.astype(jnp.float32) - scale(r) * jnp.matmul(
+          a.astype(jnp.float32), b.astype(jnp.float32), precision=_HI)
+      flat[path] = C.CalibratedResidual(residual.astype(w.dtype), a, b)
+      # Copies: the trainer donates the state's buffers, which the frozen tree must outlive.
+      state[path] = {'a': jnp.copy(a), 'b': jnp.copy(b)}
+    return P.unflatten(flat), state
+
+  return Adapter(init=init, apply=_apply(name, scale, dropout), config=config,
+                 describe=_describe(scale))
+
+
+def _restored(name, calib: C.Restored, path):
+  factors = calib.factors(path)
+  if factors is None:
+    raise ValueError(f'{name}: the adapter file holds no calibrated factors for {path} '
+                     f'(frozen/{path}/a and /b)')
+  return factors
+
+
+# ------------------------------------------------------------------------------------- CorDA
+def damped_covariance(cov, damping: float):
+  """C + damping * mean(diag C) * I (damping * I where C is 0): always invertible."""
+  cov = jnp.asarray(cov, jnp.float32)
+  level = jnp.mean(jnp.diag(cov))
+  level = jnp.where(level > 0, level, 1.0)
+  return cov + damping * level * jnp.eye(cov.shape[0], dtype=cov.dtype)
+
+
+def corda(targets, rank: int = 8, *, mode: str = 'kpm', alpha: float | None = None,
+          damping: float = 0.01, rank_pattern: dict | None = None,
+          dropout: float = 0.0) -> Adapter:
+  """CorDA: "CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for
+  Task-Aware Parameter-Efficient Fine-tuning" (Yang et al., 2024).
+
+  With the input covariance C = X^T X / n (damped: C~ = C + damping * mean(diag C) * I, as
+  the reference implementation's first try), the paper's SVD of W C (W out x in) is, for a
+  Flax kernel W (in, out), the SVD of (W^T C)^T = C~ W = U S V^T. Then W = C~^-1 U S V^T,
+  a sum of components (C~^-1 u_i) s_i v_i^T ordered by covariance-weighted energy s_i.
+  The adapter takes r of them: A = C~^-1 U_r S_r^1/2, B = S_r^1/2 V_r^T (over sqrt(scale)),
+  over the frozen residual W - scale * A @ B, so the weight at init is W.
+  mode 'kpm' (knowledge-preserved) trains the r smallest components, 'ipm'
+  (instruction-previewed) the r largest. Scale alpha / r (1 when alpha is None).
+  Needs `calib`'s `covariance` at every target.
+  """
+  if mode not in CORDA_MODES:
+    raise ValueError(f'corda mode must be one of {CORDA_MODES}, got {mode!r}')
+  if not damping > 0:
+    raise ValueError(f'corda damping must be > 0, got {damping}')
+  _check_dropout('corda', dropout)
+  config = dict(method='corda', targets=_targets(targets), rank=rank, mode=mode, alpha=alpha,
+                damping=damping, rank_pattern=dict(rank_pattern or {}), dropout=dropout)
+
+  def scale(r):
+    return 1.0 if alpha is None else alpha / r
+
+  def factorise(w, r, cov):
+    chex.assert_shape(cov, (w.shape[0], w.shape[0]), custom_message='corda covariance')
+    ct = damped_covariance(cov, damping)
+    u, s, vt = jnp.linalg.svd(jnp.matmul(ct, w, precision=_HI), full_matrices=False)
+    k = s.shape[0]
+    sel = slice(0, r) if mode == 'ipm' else slice(k - r, k)
+    root = jnp.sqrt(s[sel] / scale(r))
+    return jnp.linalg.solve(ct, u[:, sel]) * root, root[:, None] * vt[sel]
+
+  return _rebased('corda', config, scale=scale, factor=1,
+                  stats=lambda calib, paths: calib.iter_covariances(paths),
+                  factorise=factorise, rank_pattern=rank_pattern, dropout=dropout)
+
+
+# --------------------------------------------------------------------------------------- EVA
+def explained_variance(x, k: int):
+  """Top-k right-singular vectors (in, k), singular values and explained-variance ratios
+  s_i^2 / sum_j s_j^2 of the centred rows `x` (n, in)."""
+  x = jnp.asarray(x, jnp.float32)
+  _, s, vt = jnp.linalg.svd(x - jnp.mean(x, axis=0), full_matrices=False)
+  total = jnp.sum(s * s)
+  ratio = jnp.where(total > 0, s * s / jnp.where(total > 0, total, 1.0), 0.0)
+  return vt[:k].T, s[:k], np.asarray(ratio[:k], np.float64)
+
+
+def eva_ranks(ratios: Mapping[str, np.ndarray], budget: int) -> dict[str, int]:
+  """EVA's rank allocation: the `budget` largest explained-variance ratios among all targets'
+  offered components, counted per target (ties: earlier target, then earlier component)."""
+  ranked = sorted((-float(v), t, i, path) for t, (path, vals) in enumerate(ratios.items())
+                  for i, v in enumerate(vals))
+  ranks = dict.fromkeys(ratios, 0)
+  for *_, path in ranked[:budget]:
+    ranks[path] += 1
+  return ranks
+
+
+def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
+        whiten: bool = False, adjust_scaling_factors: bool = False,
+        max_rows: int | None = None, dropout: float = 0.0) -> Adapter:
+  """EVA: "One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation"
+  (Paischer et al., 2024).
+
+  Per target, the SVD of a sample of its centred input rows (`calib.activations`, at most
+  `max_rows`; the stacked sample stands in for the paper's incremental SVD over minibatches)
+  offers its top round(rho * rank) right-singular vectors with their explained-variance
+  ratios. The budget rank * (number of targets) goes to the largest ratios over all targets
+  (rho >= 1 caps a layer at rho * rank; rho = 1 gives every layer `rank`). A (in, r_l) = the
+  layer's top r_l vectors (divided by sqrt of their singular values with `whiten`), B = 0:
+  the weight at init is W. Layers allotted rank 0 get no adapter. Scale alpha / r_l, or
+  alpha / rank for all with `adjust_scaling_factors`. `describe` shows each target's rank.
+  """
+  if not (isinstance(rank, int) and rank > 0):
+    raise ValueError(f'eva rank must be a positive int, got {rank!r}')
+  if not rho >= 1.0:
+    raise ValueError(f'eva rho must be >= 1, got {rho}')
+  _check_dropout('eva', dropout)
+  config = dict(method='eva', targets=_targets(targets), rank=rank, rho=rho, alpha=alpha,
+                whiten=whiten, adjust_scaling_factors=adjust_scaling_factors,
+                max_rows=max_rows, dropout=dropout)
+
+  def scale(r):
+    return alpha / rank if adjust_scaling_factors else alpha / r
+
+  def init(rng, params, *, calib=None):
+    del rng
+    flat, chosen = _select(params, config['targets'])
+    if isinstance(calib, C.Restored):
+      ranks = {p: 0 if calib.state_leaf(p, 'a') is None else
+               int(np.shape(calib.state_leaf(p, 'a'))[1]) for p in chosen}
+      vectors = {p: jnp.zeros((flat[p].shape[0], r)) for p, r in ranks.items()}
+    else:
+      offered = max(1, round(rho * rank))
+      vectors, ratios = {}, {}
+      for path, x in C.live('eva', calib).iter_activations(chosen, max_rows):
+        v, s, ratios[path] = explained_variance(x, min(offered, *flat[path].shape))
+        vectors[path] = v / jnp.sqrt(jnp.maximum(s, 1e-12)) if whiten else v
+      ranks = eva_ranks(ratios, rank * len(chosen))
+    state = {}
+    for path, r in ranks.items():
+      if r:
+        w = flat[path]
+        state[path] = {'a': vectors[path][:, :r].astype(w.dtype),
+                       'b': jnp.zeros((r, w.shape[1]), w.dtype)}
+    return params, state
+
+  def unmerge(merged, state):
+    flat = P.flatten(merged)
+    for path, ab in state.items():
+      r = ab['a'].shape[1]
+      flat[path] = flat[path] - (ab['a'] @ ab['b'] * scale(r)).astype(flat[path].dtype)
+    return P.unflatten(flat)
+
+  return Adapter(init=init, apply=_apply('eva', scale, dropout), config=config,
+                 unmerge=unmerge, describe=_describe(scale, config['targets']))
+
+
+# ----------------------------------------------------------------------------------- LoRA-GA
+def lora_ga(targets, rank: int = 8, alpha: float = 16.0, *, stable_gamma: float | None = 16.0,
+            rslora: bool = False, rank_pattern: dict | None = None,
+            dropout: float = 0.0) -> Adapter:
+  """LoRA-GA: "LoRA-GA: Low-Rank Adaptation with Gradient Approximation" (Wang et al., 2024).
+
+  G = dL/dW averaged over the calibration batches (`calib.gradient`). In the paper's layout
+  (G out x in = U S V^T) B_init = U[:, :r] and A_init = V[:, r:2r]^T. For a Flax kernel the
+  gradient is G^T (in, out) = V S U^T, so here A (in, r) = its left singular vectors r..2r-1
+  and B (r, out) = its right singular vectors 0..r-1 transposed. Scale stability: both are
+  multiplied by d_out^(1/4) / sqrt(stable_gamma) (the official code's "stable" scale; None
+  keeps them orthonormal). The frozen base offset W - scale * A @ B keeps the weight at init
+  equal to W. Scale alpha / r (alpha / sqrt(r) with `rslora`). Needs 2 * rank <= min(in, out).
+  """
+  if stable_gamma is not None and not stable_gamma > 0:
+    raise ValueError(f'lora_ga stable_gamma must be > 0 or None, got {stable_gamma}')
+  _check_dropout('lora_ga', dropout)
+  config = dict(method='lora_ga', targets=_targets(targets), rank=rank, alpha=alpha,
+                stable_gamma=stable_gamma, rslora=rslora, rank_pattern=dict(rank_pattern or {}),
+                dropout=dropout)
+
+  def scale(r):
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+  def factorise(w, r, grad):
+    chex.assert_shape(grad, w.shape, custom_message='lora_ga gradient')
+    u, _, vt = jnp.linalg.svd(jnp.asarray(grad, jnp.float32), full_matrices=False)
+    a, b = u[:, r:2 * r], vt[:r]
+    if stable_gamma is not None:
+      c = w.shape[1] ** 0.25 / math.sqrt(stable_gamma)
+      a, b = a * c, b * c
+    return a, b
+
+  return _rebased('lora_ga', config, scale=scale, factor=2,
+                  stats=lambda calib, paths: calib.iter_gradients(paths),
+                  factorise=factorise, rank_pattern=rank_pattern, dropout=dropout)

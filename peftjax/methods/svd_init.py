@@ -1,0 +1,405 @@
+"""Methods initialised from a factorisation of the pretrained weight W (in, out).
+
+Each re-bases the frozen tree on a residual, so the adapted weight at init equals W:
+- PiSSA, MiLoRA / SoMA: LoRA factors from the largest / smallest singular triplets.
+- SORSA: trainable U_p, S_p, V_p^T with an orthonormality regulariser.
+- SVFit: only the top singular values train; LoLDU: only an LDU diagonal and a scale train.
+- SoKA: trainable Kronecker factors from the Kronecker-product SVD, adaptive rank.
+
+Where fixed factors are needed (SVFit, LoLDU) they live in the frozen tree at the target's
+path as `LowRank(residual, u, v, 0.0)`: a structured leaf with its delta switched off. The
+frozen tree thus stays an ordinary pytree (device_put, jit and checkpoints see plain arrays),
+runs (as the residual) and materialises like PiSSA's residual, and still has one leaf of the
+weight's shape at each target path; `apply` reads `u` and `v` from it. Such methods cannot be
+unmerged: the merged weight and the state do not determine the fixed factors.
+
+All factorisations are deterministic functions of W (randomised SVDs draw from `seed` in the
+config, not from `init`'s rng), so `load_adapter`, which re-runs `init` on the base params,
+rebuilds the same frozen tree.
+"""
+from __future__ import annotations
+
+import zlib
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from peftjax.core import linalg
+from peftjax.core import paths as P
+from peftjax.core.adapter import Adapter
+from peftjax.core.leaves import LowRank, materialize
+
+KRON_RANKS = ('auto', 'energy', 'elbow')
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def _targets(targets) -> list[str]:
+  return list([targets] if isinstance(targets, str) else targets)
+
+
+def _check_dropout(name: str, dropout: float):
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'{name} dropout must be in [0, 1), got {dropout}')
+
+
+def _chosen(params, targets, rank_pattern, extra=None):
+  """The flat params and the 2-D target paths; every pattern must match."""
+  flat = P.flatten(params)
+  candidates = {p: v for p, v in flat.items() if v.ndim == 2}
+  chosen = P.select(candidates, targets, what='2-D parameter')
+  P.check_overrides(chosen, rank_pattern, 'rank_pattern')
+  for name, overrides in (extra or {}).items():
+    P.check_overrides(chosen, overrides, name)
+  return flat, chosen
+
+
+def _rank(name: str, path: str, r, shape, limit: int | None = None) -> int:
+  if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+    raise ValueError(f'{name} rank for {path} must be a positive int, got {r!r}')
+  if r > (min(shape) if limit is None else limit):
+    raise ValueError(f'{name} rank {r} exceeds min{tuple(shape)} of {path}' if limit is None
+                     else f'{name} rank {r} exceeds the Kronecker rank {limit} of {path}')
+  return r
+
+
+def _key(seed: int, path: str):
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _top(w, r: int, niter, seed: int, path: str):
+  if niter is None:
+    return linalg.svd_top(w, r)
+  return linalg.randomized_svd(_key(seed, path), w, r, niter=niter)
+
+
+def _rebuild(frozen, state, leaf):
+  """`frozen` with `leaf(path, frozen_leaf, state[path])` at every adapted path."""
+  flat = P.flatten(frozen)
+  for path, st in state.items():
+    flat[path] = leaf(path, flat[path], st)
+  return P.unflatten(flat)
+
+
+def _fixed(name: str, path: str, f) -> LowRank:
+  if not isinstance(f, LowRank):
+    raise ValueError(f'{name}: the frozen leaf at {path} holds no fixed factors; use the '
+                     f'frozen tree returned by {name}.init')
+  return f
+
+
+def _info(w, trainable, **extra):
+  return {'shape': list(w.shape), 'trainable': int(trainable), **extra}
+
+
+# ----------------------------------------------------------------------- PiSSA, MiLoRA, SoMA
+def _principal(name, targets, rank, alpha, *, minor, niter=None, seed=0, rank_pattern=None,
+               dropout=0.0) -> Adapter:
+  """LoRA factors A = U_r S_r^1/2, B = S_r^1/2 V_r^T (over sqrt(scale)) on a frozen residual."""
+  _check_dropout(name, dropout)
+  if niter is not None and (not isinstance(niter, int) or niter < 0):
+    raise ValueError(f'{name} niter must be None (exact SVD) or an int >= 0, got {niter!r}')
+  config = dict(method=name, targets=_targets(targets), rank=rank, alpha=alpha,
+                rank_pattern=dict(rank_pattern or {}), dropout=dropout)
+  if not minor:
+    config |= dict(niter=niter, seed=seed)
+
+  def scale(r):
+    return 1.0 if alpha is None else alpha / r
+
+  def init(rng, params, *, calib=None):
+    del rng, calib
+    flat, chosen = _chosen(params, config['targets'], rank_pattern)
+    state = {}
+    for path in chosen:
+      w = materialize(flat[path])
+      r = _rank(name, path, P.first_match(path, rank_pattern, rank), w.shape)
+      u, s, vt = linalg.svd_bottom(w, r) if minor else _top(w, r, niter, seed, path)
+      root = jnp.sqrt(s / scale(r))
+      a, b = u * root, root[:, None] * vt
+      flat[path] = (w - scale(r) * (a @ b)).astype(w.dtype)
+      state[path] = {'a': a.astype(w.dtype), 'b': b.astype(w.dtype)}
+    return P.unflatten(flat), state
+
+  def leaf(path, w, ab):
+    chex.assert_shape(ab['a'], (w.shape[0], None), custom_message=f'{name} A of {path}')
+    chex.assert_shape(ab['b'], (ab['a'].shape[1], w.shape[1]),
+                      custom_message=f'{name} B of {path}')
+    return LowRank(w, ab['a'], ab['b'], scale(ab['a'].shape[1]), dropout)
+
+  def unmerge(merged, state):
+    return _rebuild(merged, state, lambda p, m, ab: m - (
+        ab['a'] @ ab['b'] * scale(ab['a'].shape[1])).astype(m.dtype))
+
+  def describe(frozen, state):
+    flat = P.flatten(frozen)
+    return {p: _info(flat[p], ab['a'].size + ab['b'].size, rank=int(ab['a'].shape[1]),
+                     scale=scale(ab['a'].shape[1]))
+            for p, ab in state.items()}
+
+  return Adapter(init=init, apply=lambda frozen, state: _rebuild(frozen, state, leaf),
+                 config=config, unmerge=unmerge, describe=describe)
+
+
+def pissa(targets, rank: int = 8, alpha: float | None = None, *, niter: int | None = None,
+          seed: int = 0, rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
+  """PiSSA: "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language
+  Models" (Meng, Wang & Zhang, 2024).
+
+  A (in, r) = U_r S_r^1/2, B (r, out) = S_r^1/2 V_r^T from the top-r SVD of W, over a frozen
+  residual W - U_r S_r V_r^T. Scale alpha / r (1 when alpha is None; A and B are divided by
+  sqrt(scale), so the residual and the weight at init do not depend on alpha).
+  niter: None for the exact SVD; an int for the paper's fast variant, a randomised SVD
+  (Halko et al.) with `niter` subspace iterations whose sketch draws from `seed`.
+  """
+  return _principal('pissa', targets, rank, alpha, minor=False, niter=niter, seed=seed,
+                    rank_pattern=rank_pattern, dropout=dropout)
+
+
+def milora(targets, rank: int = 8, alpha: float | None = None, *,
+           rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
+  """MiLoRA: "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM
+  Finetuning" (Wang et al., 2024): PiSSA's construction on the r smallest singular triplets
+  (exact SVD only: a randomised SVD does not resolve the minor components)."""
+  return _principal('milora', targets, rank, alpha, minor=True, rank_pattern=rank_pattern,
+                    dropout=dropout)
+
+
+def soma(targets, rank: int = 8, alpha: float | None = None, *,
+         rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
+  """SoMA: "SoMA: Singular Value Decomposed Minor Components Adaptation for Domain
+  Generalizable Representation Learning" (Yun et al., 2024): the minor-component adapter of
+  MiLoRA (SoMA's block freezing and weight-decay annealing belong to the training recipe)."""
+  return _principal('soma', targets, rank, alpha, minor=True, rank_pattern=rank_pattern,
+                    dropout=dropout)
+
+
+# ------------------------------------------------------------------------------------- SORSA
+def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, niter: int | None = None,
+          seed: int = 0, rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
+  """SORSA: "SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of
+  Large Language Models" (Cao, 2024).
+
+  Trainable U_p (in, r), S_p (r,), V_p^T (r, out) from the top-r SVD of W over the frozen
+  residual W - U_p S_p V_p^T; the weight is residual + (U_p * S_p) @ V_p^T. `loss` is
+  gamma * sum over targets of ||U_p^T U_p - I||_F^2 + ||V_p^T V_p - I||_F^2 (0 at init).
+  """
+  _check_dropout('sorsa', dropout)
+  if gamma < 0:
+    raise ValueError(f'sorsa gamma must be >= 0, got {gamma}')
+  config = dict(method='sorsa', targets=_targets(targets), rank=rank, gamma=gamma, niter=niter,
+                seed=seed, rank_pattern=dict(rank_pattern or {}), dropout=dropout)
+
+  def init(rng, params, *, calib=None):
+    del rng, calib
+    flat, chosen = _chosen(params, config['targets'], rank_pattern)
+    state = {}
+    for path in chosen:
+      w = materialize(flat[path])
+      r = _rank('sorsa', path, P.first_match(path, rank_pattern, rank), w.shape)
+      u, s, vt = _top(w, r, niter, seed, path)
+      flat[path] = (w - (u * s) @ vt).astype(w.dtype)
+      state[path] = {'u': u.astype(w.dtype), 's': s.astype(w.dtype), 'vt': vt.astype(w.dtype)}
+    return P.unflatten(flat), state
+
+  def leaf(path, w, st):
+    chex.assert_shape([st['u'], st['s'], st['vt']],
+                      [(w.shape[0], None), (st['u'].shape[1],), (st['u'].shape[1], w.shape[1])],
+                      custom_message=f'sorsa factors of {path}')
+    return LowRank(w, st['u'] * st['s'], st['vt'], 1.0, dropout)
+
+  def loss(state):
+    total = jnp.zeros((), jnp.float32)
+    for st in state.values():
+      u, vt = st['u'].astype(jnp.float32), st['vt'].astype(jnp.float32)
+      eye = jnp.eye(u.shape[1], dtype=jnp.float32)
+      total += jnp.sum((u.T @ u - eye) ** 2) + jnp.sum((vt @ vt.T - eye) ** 2)
+    return gamma * total
+
+  def unmerge(merged, state):
+    return _rebuild(merged, state,
+                    lambda p, m, st: m - ((st['u'] * st['s']) @ st['vt']).astype(m.dtype))
+
+  def describe(frozen, state):
+    flat = P.flatten(frozen)
+    return {p: _info(flat[p], sum(x.size for x in st.values()), rank=int(st['s'].shape[0]))
+            for p, st in state.items()}
+
+  return Adapter(init=init, apply=lambda frozen, state: _rebuild(frozen, state, leaf),
+                 config=config, loss=loss, unmerge=unmerge, describe=describe)
+
+
+# ------------------------------------------------------------------------------------- SVFit
+def svfit(targets, rank: int | None = 8, *, energy: float = 0.99,
+          rank_pattern: dict | None = None) -> Adapter:
+  """SVFit: "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular
+  Values" (Sun et al., 2024).
+
+  Only the top-r singular values S_r train; U_r, V_r^T are fixed and the residual
+  W - U_r S_r V_r^T is frozen: the weight is residual + U_r diag(s) V_r^T. rank=None picks,
+  per target, the smallest r holding `energy` of the spectrum (the paper's 99%).
+  """
+  if not 0.0 < energy <= 1.0:
+    raise ValueError(f'svfit energy must be in (0, 1], got {energy}')
+  config = dict(method='svfit', targets=_targets(targets), rank=rank, energy=energy,
+                rank_pattern=dict(rank_pattern or {}))
+
+  def init(rng, params, *, calib=None):
+    del rng, calib
+    flat, chosen = _chosen(params, config['targets'], rank_pattern)
+    state = {}
+    for path in chosen:
+      w = materialize(flat[path])
+      r = P.first_match(path, rank_pattern, rank)
+      if r is None:
+        r = linalg.energy_rank(linalg.svd(w)[1], energy)
+      u, s, vt = linalg.svd_top(w, _rank('svfit', path, r, w.shape))
+      residual = (w - (u * s) @ vt).astype(w.dtype)
+      flat[path] = LowRank(residual, u.astype(w.dtype), vt.astype(w.dtype), 0.0)
+      state[path] = {'s': s.astype(w.dtype)}
+    return P.unflatten(flat), state
+
+  def leaf(path, f, st):
+    f = _fixed('svfit', path, f)
+    chex.assert_shape(st['s'], (f.a.shape[1],), custom_message=f'svfit values of {path}')
+    return LowRank(f.w, f.a * st['s'], f.b, 1.0)
+
+  def describe(frozen, state):
+    flat = P.flatten(frozen)
+    return {p: _info(flat[p], st['s'].size, rank=int(st['s'].shape[0]))
+            for p, st in state.items()}
+
+  return Adapter(init=init, apply=lambda frozen, state: _rebuild(frozen, state, leaf),
+                 config=config, describe=describe)
+
+
+# ------------------------------------------------------------------------------------- LoLDU
+def loldu(targets, rank: int = 8, alpha: float | None = None, *,
+          rank_pattern: dict | None = None) -> Adapter:
+  """LoLDU: "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for
+  Parameter-Efficient Fine-Tuning" (Shi et al., 2024).
+
+  As in the reference code, the (out, in) weight W^T = P L diag(D) U (partial pivoting) gives
+  fixed rank-r factors P L_r and U_r; the diagonal d = D_r and a scalar scale (initially
+  alpha / r, or 1 when alpha is None) train over the frozen residual W - scale U_r^T diag(d)
+  (P L_r)^T. State per target: {'d': (r,), 'scale': ()}.
+  """
+  config = dict(method='loldu', targets=_targets(targets), rank=rank, alpha=alpha,
+                rank_pattern=dict(rank_pattern or {}))
+
+  def init(rng, params, *, calib=None):
+    del rng, calib
+    flat, chosen = _chosen(params, config['targets'], rank_pattern)
+    state = {}
+    for path in chosen:
+      w = materialize(flat[path])
+      r = _rank('loldu', path, P.first_match(path, rank_pattern, rank), w.shape)
+      p, l, d, u = linalg.ldu(w.T)
+      a, b, d = u[:r].T, (p @ l[:, :r]).T, d[:r]
+      scale = 1.0 if alpha is None else alpha / r
+      residual = (w - scale * (a * d) @ b).astype(w.dtype)
+      flat[path] = LowRank(residual, a.astype(w.dtype), b.astype(w.dtype), 0.0)
+      state[path] = {'d': d.astype(w.dtype), 'scale': jnp.asarray(scale, w.dtype)}
+    return P.unflatten(flat), state
+
+  def leaf(path, f, st):
+    f = _fixed('loldu', path, f)
+    chex.assert_shape([st['d'], st['scale']], [(f.a.shape[1],), ()],
+                      custom_message=f'loldu diagonal and scale of {path}')
+    return LowRank(f.w, f.a * (st['d'] * st['scale']), f.b, 1.0)
+
+  def describe(frozen, state):
+    flat = P.flatten(frozen)
+    return {p: _info(flat[p], st['d'].size + 1, rank=int(st['d'].shape[0]))
+            for p, st in state.items()}
+
+  return Adapter(init=init, apply=lambda frozen, state: _rebuild(frozen, state, leaf),
+                 config=config, describe=describe)
+
+
+# -------------------------------------------------------------------------------------- SoKA
+def soka(targets, rank: int | str = 'auto', *, energy: float = 0.9, max_rank: int | None = None,
+         rank_pattern: dict | None = None, factor_pattern: dict | None = None) -> Adapter:
+  """SoKA: "Singular Value Decomposition on Kronecker Adaptation for Large Language Model"
+  (Chong & Qu, 2025).
+
+  The Kronecker-product SVD W = sum_k s_k A_k (x) B_k (Van Loan-Pitsianis) gives trainable
+  factors a_k = s_k^1/2 A_k (m1, n1), b_k = s_k^1/2 B_k (m2, n2) for the kept components over
+  the frozen residual; the weight is residual + sum_k a_k (x) b_k (a plain array).
+
+  Factor shapes: m1 is the largest divisor of `in` <= sqrt(in) and n2 the largest divisor of
+  `out` <= sqrt(out) (m2 = in / m1, n1 = out / n2), so A (m1, n1) and B (m2, n2) hold about
+  sqrt(in * out) entries each: the most balanced split, with the largest Kronecker rank
+  K = min(m1 n1, m2 n2). `factor_pattern={regex: [m1, n1]}` overrides it.
+
+  rank: an int; 'energy', the smallest k whose components hold `energy` of the Kronecker
+  spectrum's energy; 'elbow', the components up to the spectrum's elbow (the point farthest
+  from its chord, `linalg.elbow_rank`); or 'auto', the smaller of the two (a component
+  negligible by either criterion is pruned). `max_rank` caps the adaptive choices.
+  `describe` reports the energy the kept components hold.
+  """
+  if not 0.0 < energy <= 1.0:
+    raise ValueError(f'soka energy must be in (0, 1], got {energy}')
+  for r in [rank, *(rank_pattern or {}).values()]:
+    if isinstance(r, str) and r not in KRON_RANKS:
+      raise ValueError(f'soka rank {r!r} must be an int or one of {KRON_RANKS}')
+  config = dict(method='soka', targets=_targets(targets), rank=rank, energy=energy,
+                max_rank=max_rank, rank_pattern=dict(rank_pattern or {}),
+                factor_pattern={k: list(v) for k, v in (factor_pattern or {}).items()})
+
+  def shapes(path, shape):
+    (d_in, d_out), custom = shape, P.first_match(path, factor_pattern, None)
+    m1, n1 = custom if custom is not None else (linalg.kron_shape(d_in)[0],
+                                                linalg.kron_shape(d_out)[1])
+    return m1, n1
+
+  def choose(path, s, shape):
+    r = P.first_match(path, rank_pattern, rank)
+    if isinstance(r, str):
+      by_energy, by_elbow = linalg.energy_rank(s, energy), linalg.elbow_rank(s)
+      r = {'energy': by_energy, 'elbow': by_elbow, 'auto': min(by_energy, by_elbow)}[r]
+      r = r if max_rank is None else min(r, max_rank)
+    return _rank('soka', path, r, shape, limit=len(s))
+
+  def init(rng, params, *, calib=None):
+    del rng, calib
+    flat, chosen = _chosen(params, config['targets'], rank_pattern,
+                           {'factor_pattern': factor_pattern})
+    state = {}
+    for path in chosen:
+      w = materialize(flat[path])
+      a, s, b = linalg.kpsvd(w, shapes(path, w.shape))
+      r = choose(path, s, w.shape)
+      root = jnp.sqrt(s[:r])[:, None, None]
+      a, b = a[:r] * root, b[:r] * root
+      flat[path] = (w - linalg.kron_sum(a, b)).astype(w.dtype)
+      state[path] = {'a': a.astype(w.dtype), 'b': b.astype(w.dtype)}
+    return P.unflatten(flat), state
+
+  def leaf(path, w, ab):
+    chex.assert_rank([ab['a'], ab['b']], 3)
+    chex.assert_equal_shape_prefix([ab['a'], ab['b']], 1)
+    m1, n1 = ab['a'].shape[1:]
+    m2, n2 = ab['b'].shape[1:]
+    chex.assert_shape(w, (m1 * m2, n1 * n2), custom_message=f'soka factors of {path}')
+    return w + linalg.kron_sum(ab['a'], ab['b']).astype(w.dtype)
+
+  def unmerge(merged, state):
+    return _rebuild(merged, state,
+                    lambda p, m, ab: m - linalg.kron_sum(ab['a'], ab['b']).astype(m.dtype))
+
+  def describe(frozen, state):
+    """Adds the factor shapes and the energy share of the Kronecker part, |dW|^2 / (|dW|^2 +
+    |residual|^2): at init exactly the KPSVD energy of the kept components."""
+    flat, out = P.flatten(frozen), {}
+    for p, ab in state.items():
+      delta = float(jnp.sum(linalg.kron_sum(ab['a'], ab['b']).astype(jnp.float32) ** 2))
+      rest = float(jnp.sum(materialize(flat[p]).astype(jnp.float32) ** 2))
+      dims = lambda x: 'x'.join(map(str, x.shape[1:]))
+      out[p] = _info(flat[p], ab['a'].size + ab['b'].size, rank=int(ab['a'].shape[0]),
+                     factors=f"{dims(ab['a'])}*{dims(ab['b'])}",
+                     energy=delta / (delta + rest) if delta + rest > 0 else 1.0)
+    return out
+
+  return Adapter(init=init, apply=lambda frozen, state: _rebuild(frozen, state, leaf),
+                 config=config, unmerge=unmerge, describe=describe)
