@@ -18,7 +18,7 @@ def get_config():
       'lr': 1e-3, 'weight_decay': 0.01, 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8,
       'schedule': 'constant', 'warmup_steps': 0, 'clip_norm': 0.0})
   c.train = ml_collections.ConfigDict({
-      'batch_size': 32, 'eval_batch_size': 64, 'epochs': 3, 'log_every': 20,
+      'batch_size': 32, 'eval_batch_size': 64, 'epochs': 3, 'max_steps': 0, 'log_every': 20,
       'checkpoint_every': 100, 'keep_checkpoints': 2,
       'halt_at_step': 0})  # halt_at_step: stop abruptly there, as a crash would (resume tests).
   c.mesh = ml_collections.ConfigDict({'data': -1})

@@ -1,4 +1,4 @@
-"""Runs one experiment from a config file.
+"""Runs one experiment, or a study of several (a config with `runs`), from a config file.
 
   python -m experiments.run --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [--resume]
 """
@@ -25,6 +25,10 @@ def main(argv):
   except OSError as e:
     sys.exit(f'error: cannot load {flags.FLAGS["config"].config_filename}: '
              f'{str(e).splitlines()[-1].strip()}')
+  if 'runs' in config:
+    from experiments.study import run_study
+    run_study(config, _WORKDIR.value)  # resumes by itself
+    return
   from peftjax.train.loop import train
   train(config, _WORKDIR.value, resume=_RESUME.value)
 

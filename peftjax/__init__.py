@@ -3,6 +3,8 @@ from peftjax.core.adapter import (Adapter, chain, combine, merge, num_params, pa
                                   regularizer, summary, unmerge)
 from peftjax.core.leaves import LowRank, materialize
 from peftjax.core.paths import PatternError, flatten, select, unflatten
-from peftjax.methods import from_config, full, lora, probe, rslora
+from peftjax.core.calib import Calibration
+from peftjax.methods import (corda, eva, from_config, full, loldu, lora, lora_ga, lora_pro,
+                             milora, pissa, probe, rslora, soka, soma, sorsa, svfit)
 
 __version__ = '0.1.0'

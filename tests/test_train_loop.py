@@ -131,3 +131,11 @@ def test_cli_missing_config_file_is_one_line_error(tmp_path):
   out = _cli('--config=configs/no_such_config.py', f'--workdir={tmp_path}')
   assert out.returncode != 0 and 'Traceback' not in out.stderr
   assert 'no_such_config.py' in out.stderr
+
+
+def test_max_steps_ends_training_early_with_an_evaluation(tmp_path):
+  summary = train(tiny(max_steps=7), tmp_path)
+  assert summary['steps'] == 7
+  assert [s for s, _ in train_losses(tmp_path)] == list(range(1, 8))
+  val = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').open() if '"val"' in l]
+  assert [(r['epoch'], r['step']) for r in val] == [(1, 5), (2, 7)]  # 5 steps per epoch

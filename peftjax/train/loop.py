@@ -1,7 +1,8 @@
 """The training loop: fine-tune a sentence classifier with any method, from a config.
 
 Per epoch: train over the shuffled train split, evaluate on val, keep the best adapter (by
-val accuracy) in `WORKDIR/adapter`, checkpoint. At the end: test accuracy of the best adapter,
+val accuracy) in `WORKDIR/adapter`, checkpoint; `train.max_steps` (0: none) ends training
+early, after an evaluation where it stops. At the end: test accuracy of the best adapter,
 `summary.json`, `metrics.jsonl` and `curves.png`. `resume=True` continues from the newest
 checkpoint with exactly the batches, dropout keys and optimiser state it would have had.
 Data-initialised methods (CorDA, EVA, LoRA-GA) get a lazy `Calibration` on the first
@@ -136,6 +137,8 @@ def train(config, workdir, *, resume: bool = False) -> dict:
 
   steps_per_epoch = vader.num_batches(len(data['train'][0]), tc.batch_size)
   total_steps = steps_per_epoch * tc.epochs
+  if tc.get('max_steps'):
+    total_steps = min(total_steps, tc.max_steps)
   with config.optimizer.unlocked():
     config.optimizer.total_steps = total_steps
   tx = S.make_optimizer(config.optimizer, adapter)
@@ -194,6 +197,8 @@ def train(config, workdir, *, resume: bool = False) -> dict:
     for b, batch in enumerate(vader.batches(*data['train'], tc.batch_size, seed=config.seed,
                                             epoch=epoch, start=start, bucket=config.data.bucket),
                               start):
+      if step >= total_steps:
+        break
       state, out = compiled[batch['input_ids'].shape[1]](state, frozen,
                                                           jax.device_put(batch, shard))
       step += 1
@@ -228,6 +233,8 @@ def train(config, workdir, *, resume: bool = False) -> dict:
         save_adapter(workdir / 'adapter', adapter, frozen, best['adapter'], head=best['head'],
                      base_model=backbone.model_id)
     save_checkpoint(epoch + 1, 0)
+    if step >= total_steps:
+      break
   bar.close()
   ckpt.close()
 
