@@ -8,7 +8,8 @@ LoLDU have none), seeds 0..n-1 (a seed sets the adapter's random init, the head,
 order). Each method keeps its paper's scaling: LoRA, rsLoRA, EVA, LoRA-GA and LoRA-Pro alpha 16;
 PiSSA, MiLoRA and CorDA scale 1 (alpha = r, as in their papers); SORSA gamma 4e-4. Full
 fine-tuning uses its own config's lr (5e-5). Data-initialised methods calibrate on the first 8
-training batches. The headline rows (the convergence claims, and LoRA) run 3 seeds.
+training batches. The headline rows (the convergence claims, and LoRA) run 3 seeds; the last
+three rows repeat LoRA, PiSSA and SORSA at a lower learning rate.
 `--config.only=lora,pissa` runs a subset; finished runs are skipped, so a stopped study continues.
 """
 import ml_collections
@@ -51,5 +52,9 @@ def get_config():
       'lora_ga': run('lora_ga', 3, rank=8, alpha=16.0),
       'lora_pro': run('lora_pro', rank=8, alpha=16.0),
       'full': {'method': {'name': 'full'}, 'seeds': 1, 'lr': 5e-5},
+      # Learning-rate check for the principal-component inits (see docs/lowrank_study.md).
+      'lora_lr3e-4': run('lora', 2, lr=3e-4, rank=8, alpha=16.0),
+      'pissa_lr3e-4': run('pissa', 2, lr=3e-4, rank=8),
+      'sorsa_lr3e-4': run('sorsa', 2, lr=3e-4, rank=8, gamma=4e-4),
   }, sort_keys=False)  # the table's row order
   return c
