@@ -115,6 +115,7 @@ def plot(rows: dict, path, window: int):
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(9, 5.5))
+  ax.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20)))
   for name, r in rows.items():
     curve = np.asarray(r['mean_curve'])
     if len(curve) < window:
