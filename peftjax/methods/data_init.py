@@ -29,39 +29,13 @@ from peftjax.core import calib as C
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
 from peftjax.core.leaves import LowRank, materialize
+from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
 
 CORDA_MODES = ('kpm', 'ipm')
 _HI = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def _targets(targets) -> list[str]:
-  return list([targets] if isinstance(targets, str) else targets)
-
-
-def _check_dropout(name: str, dropout: float):
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f'{name} dropout must be in [0, 1), got {dropout}')
-
-
-def _check_rank(name: str, path: str, r, shape, factor: int = 1) -> int:
-  """`r` if it is a positive int with factor * r <= min(shape), else a ValueError."""
-  if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-    raise ValueError(f'{name} rank for {path} must be a positive int, got {r!r}')
-  if factor * r > min(shape):
-    raise ValueError(f'{name} needs {factor} * rank <= min{tuple(shape)} of {path}; rank is {r}'
-                     if factor > 1 else f'{name} rank {r} exceeds min{tuple(shape)} of {path}')
-  return r
-
-
-def _select(params, targets, rank_pattern=None):
-  flat = P.flatten(params)
-  chosen = P.select({p: v for p, v in flat.items() if v.ndim == 2}, targets,
-                    what='2-D parameter')
-  P.check_overrides(chosen, rank_pattern, 'rank_pattern')
-  return flat, chosen
-
-
 def _base(leaf):
   """The weight an adapted frozen leaf stands for (a `CalibratedResidual`'s residual)."""
   return leaf.w if isinstance(leaf, C.CalibratedResidual) else leaf
@@ -102,10 +76,10 @@ def _rebased(name, config, *, scale, factor, stats, factorise, rank_pattern, dro
 
   def init(rng, params, *, calib=None):
     del rng
-    flat, chosen = _select(params, config['targets'], rank_pattern)
+    flat, chosen = select_matrices(params, config['targets'], rank_pattern=rank_pattern)
     weights = {p: materialize(flat[p]) for p in chosen}
-    ranks = {p: _check_rank(name, p, P.first_match(p, rank_pattern, config['rank']),
-                            weights[p].shape, factor) for p in chosen}
+    ranks = {p: check_rank(name, p, P.first_match(p, rank_pattern, config['rank']),
+                           weights[p].shape, factor=factor) for p in chosen}
     if isinstance(calib, C.Restored):
       pairs = ((p, _restored(name, calib, p)) for p in chosen)
     else:
@@ -167,8 +141,8 @@ def corda(targets, rank: int = 8, *, mode: str = 'kpm', alpha: float | None = No
     raise ValueError(f'corda mode must be one of {CORDA_MODES}, got {mode!r}')
   if not damping > 0:
     raise ValueError(f'corda damping must be > 0, got {damping}')
-  _check_dropout('corda', dropout)
-  config = dict(method='corda', targets=_targets(targets), rank=rank, mode=mode, alpha=alpha,
+  check_dropout('corda', dropout)
+  config = dict(method='corda', targets=target_list(targets), rank=rank, mode=mode, alpha=alpha,
                 damping=damping, rank_pattern=dict(rank_pattern or {}), dropout=dropout)
 
   def scale(r):
@@ -229,8 +203,8 @@ def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
     raise ValueError(f'eva rank must be a positive int, got {rank!r}')
   if not rho >= 1.0:
     raise ValueError(f'eva rho must be >= 1, got {rho}')
-  _check_dropout('eva', dropout)
-  config = dict(method='eva', targets=_targets(targets), rank=rank, rho=rho, alpha=alpha,
+  check_dropout('eva', dropout)
+  config = dict(method='eva', targets=target_list(targets), rank=rank, rho=rho, alpha=alpha,
                 whiten=whiten, adjust_scaling_factors=adjust_scaling_factors,
                 max_rows=max_rows, dropout=dropout)
 
@@ -239,7 +213,7 @@ def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
 
   def init(rng, params, *, calib=None):
     del rng
-    flat, chosen = _select(params, config['targets'])
+    flat, chosen = select_matrices(params, config['targets'])
     if isinstance(calib, C.Restored):
       ranks = {p: 0 if calib.state_leaf(p, 'a') is None else
                int(np.shape(calib.state_leaf(p, 'a'))[1]) for p in chosen}
@@ -286,8 +260,8 @@ def lora_ga(targets, rank: int = 8, alpha: float = 16.0, *, stable_gamma: float 
   """
   if stable_gamma is not None and not stable_gamma > 0:
     raise ValueError(f'lora_ga stable_gamma must be > 0 or None, got {stable_gamma}')
-  _check_dropout('lora_ga', dropout)
-  config = dict(method='lora_ga', targets=_targets(targets), rank=rank, alpha=alpha,
+  check_dropout('lora_ga', dropout)
+  config = dict(method='lora_ga', targets=target_list(targets), rank=rank, alpha=alpha,
                 stable_gamma=stable_gamma, rslora=rslora, rank_pattern=dict(rank_pattern or {}),
                 dropout=dropout)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
 from peftjax.core.leaves import LowRank
+from peftjax.methods.common import check_dropout, select_matrices, target_list
 
 INITS = ('zeros', 'kaiming_uniform', 'gaussian', 'orthogonal')
 
@@ -53,9 +54,8 @@ def lora(targets, rank: int = 8, alpha: float = 16.0, *, dropout: float = 0.0,
   for kind in (init_a, init_b):
     if kind not in INITS:
       raise ValueError(f'unknown LoRA init {kind!r}; expected one of {INITS}')
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f'LoRA dropout must be in [0, 1), got {dropout}')
-  config = dict(method='lora', targets=list([targets] if isinstance(targets, str) else targets),
+  check_dropout('LoRA', dropout)
+  config = dict(method='lora', targets=target_list(targets),
                 rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
                 rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
                 init_a=init_a, init_b=init_b)
@@ -67,19 +67,13 @@ def lora(targets, rank: int = 8, alpha: float = 16.0, *, dropout: float = 0.0,
       raise ValueError(f'LoRA rank for {path} must be a positive int, got {r!r}')
     return r, scaling(a, r, rslora)
 
-  def matrices(params):
-    flat = P.flatten(params)
-    return {p: v for p, v in flat.items() if v.ndim == 2}
-
   def init(rng, params, *, calib=None):
     del calib
-    candidates = matrices(params)
-    chosen = P.select(candidates, config['targets'], what='2-D parameter')
-    P.check_overrides(chosen, rank_pattern, 'rank_pattern')
-    P.check_overrides(chosen, alpha_pattern, 'alpha_pattern')
+    flat, chosen = select_matrices(params, config['targets'], rank_pattern=rank_pattern,
+                                   alpha_pattern=alpha_pattern)
     state = {}
     for key, path in zip(jax.random.split(rng, len(chosen)), chosen):
-      w = candidates[path]
+      w = flat[path]
       (d_in, d_out), (r, _) = w.shape, hyper(path)
       if r > min(d_in, d_out):
         raise ValueError(f'LoRA rank {r} exceeds min{tuple(w.shape)} of {path}')

@@ -29,40 +29,12 @@ from peftjax.core import linalg
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
 from peftjax.core.leaves import LowRank, materialize
+from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
 
 KRON_RANKS = ('auto', 'energy', 'elbow')
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def _targets(targets) -> list[str]:
-  return list([targets] if isinstance(targets, str) else targets)
-
-
-def _check_dropout(name: str, dropout: float):
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f'{name} dropout must be in [0, 1), got {dropout}')
-
-
-def _chosen(params, targets, rank_pattern, extra=None):
-  """The flat params and the 2-D target paths; every pattern must match."""
-  flat = P.flatten(params)
-  candidates = {p: v for p, v in flat.items() if v.ndim == 2}
-  chosen = P.select(candidates, targets, what='2-D parameter')
-  P.check_overrides(chosen, rank_pattern, 'rank_pattern')
-  for name, overrides in (extra or {}).items():
-    P.check_overrides(chosen, overrides, name)
-  return flat, chosen
-
-
-def _rank(name: str, path: str, r, shape, limit: int | None = None) -> int:
-  if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-    raise ValueError(f'{name} rank for {path} must be a positive int, got {r!r}')
-  if r > (min(shape) if limit is None else limit):
-    raise ValueError(f'{name} rank {r} exceeds min{tuple(shape)} of {path}' if limit is None
-                     else f'{name} rank {r} exceeds the Kronecker rank {limit} of {path}')
-  return r
-
-
 def _key(seed: int, path: str):
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
@@ -96,10 +68,10 @@ def _info(w, trainable, **extra):
 def _principal(name, targets, rank, alpha, *, minor, niter=None, seed=0, rank_pattern=None,
                dropout=0.0) -> Adapter:
   """LoRA factors A = U_r S_r^1/2, B = S_r^1/2 V_r^T (over sqrt(scale)) on a frozen residual."""
-  _check_dropout(name, dropout)
+  check_dropout(name, dropout)
   if niter is not None and (not isinstance(niter, int) or niter < 0):
     raise ValueError(f'{name} niter must be None (exact SVD) or an int >= 0, got {niter!r}')
-  config = dict(method=name, targets=_targets(targets), rank=rank, alpha=alpha,
+  config = dict(method=name, targets=target_list(targets), rank=rank, alpha=alpha,
                 rank_pattern=dict(rank_pattern or {}), dropout=dropout)
   if not minor:
     config |= dict(niter=niter, seed=seed)
@@ -109,11 +81,11 @@ def _principal(name, targets, rank, alpha, *, minor, niter=None, seed=0, rank_pa
 
   def init(rng, params, *, calib=None):
     del rng, calib
-    flat, chosen = _chosen(params, config['targets'], rank_pattern)
+    flat, chosen = select_matrices(params, config['targets'], rank_pattern=rank_pattern)
     state = {}
     for path in chosen:
       w = materialize(flat[path])
-      r = _rank(name, path, P.first_match(path, rank_pattern, rank), w.shape)
+      r = check_rank(name, path, P.first_match(path, rank_pattern, rank), w.shape)
       u, s, vt = linalg.svd_bottom(w, r) if minor else _top(w, r, niter, seed, path)
       root = jnp.sqrt(s / scale(r))
       a, b = u * root, root[:, None] * vt
@@ -184,19 +156,19 @@ def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, niter: int | None = No
   residual W - U_p S_p V_p^T; the weight is residual + (U_p * S_p) @ V_p^T. `loss` is
   gamma * sum over targets of ||U_p^T U_p - I||_F^2 + ||V_p^T V_p - I||_F^2 (0 at init).
   """
-  _check_dropout('sorsa', dropout)
+  check_dropout('sorsa', dropout)
   if gamma < 0:
     raise ValueError(f'sorsa gamma must be >= 0, got {gamma}')
-  config = dict(method='sorsa', targets=_targets(targets), rank=rank, gamma=gamma, niter=niter,
+  config = dict(method='sorsa', targets=target_list(targets), rank=rank, gamma=gamma, niter=niter,
                 seed=seed, rank_pattern=dict(rank_pattern or {}), dropout=dropout)
 
   def init(rng, params, *, calib=None):
     del rng, calib
-    flat, chosen = _chosen(params, config['targets'], rank_pattern)
+    flat, chosen = select_matrices(params, config['targets'], rank_pattern=rank_pattern)
     state = {}
     for path in chosen:
       w = materialize(flat[path])
-      r = _rank('sorsa', path, P.first_match(path, rank_pattern, rank), w.shape)
+      r = check_rank('sorsa', path, P.first_match(path, rank_pattern, rank), w.shape)
       u, s, vt = _top(w, r, niter, seed, path)
       flat[path] = (w - (u * s) @ vt).astype(w.dtype)
       state[path] = {'u': u.astype(w.dtype), 's': s.astype(w.dtype), 'vt': vt.astype(w.dtype)}
@@ -241,19 +213,19 @@ def svfit(targets, rank: int | None = 8, *, energy: float = 0.99,
   """
   if not 0.0 < energy <= 1.0:
     raise ValueError(f'svfit energy must be in (0, 1], got {energy}')
-  config = dict(method='svfit', targets=_targets(targets), rank=rank, energy=energy,
+  config = dict(method='svfit', targets=target_list(targets), rank=rank, energy=energy,
                 rank_pattern=dict(rank_pattern or {}))
 
   def init(rng, params, *, calib=None):
     del rng, calib
-    flat, chosen = _chosen(params, config['targets'], rank_pattern)
+    flat, chosen = select_matrices(params, config['targets'], rank_pattern=rank_pattern)
     state = {}
     for path in chosen:
       w = materialize(flat[path])
       r = P.first_match(path, rank_pattern, rank)
       if r is None:
         r = linalg.energy_rank(linalg.svd(w)[1], energy)
-      u, s, vt = linalg.svd_top(w, _rank('svfit', path, r, w.shape))
+      u, s, vt = linalg.svd_top(w, check_rank('svfit', path, r, w.shape))
       residual = (w - (u * s) @ vt).astype(w.dtype)
       flat[path] = LowRank(residual, u.astype(w.dtype), vt.astype(w.dtype), 0.0)
       state[path] = {'s': s.astype(w.dtype)}
@@ -284,16 +256,16 @@ def loldu(targets, rank: int = 8, alpha: float | None = None, *,
   alpha / r, or 1 when alpha is None) train over the frozen residual W - scale U_r^T diag(d)
   (P L_r)^T. State per target: {'d': (r,), 'scale': ()}.
   """
-  config = dict(method='loldu', targets=_targets(targets), rank=rank, alpha=alpha,
+  config = dict(method='loldu', targets=target_list(targets), rank=rank, alpha=alpha,
                 rank_pattern=dict(rank_pattern or {}))
 
   def init(rng, params, *, calib=None):
     del rng, calib
-    flat, chosen = _chosen(params, config['targets'], rank_pattern)
+    flat, chosen = select_matrices(params, config['targets'], rank_pattern=rank_pattern)
     state = {}
     for path in chosen:
       w = materialize(flat[path])
-      r = _rank('loldu', path, P.first_match(path, rank_pattern, rank), w.shape)
+      r = check_rank('loldu', path, P.first_match(path, rank_pattern, rank), w.shape)
       p, l, d, u = linalg.ldu(w.T)
       a, b, d = u[:r].T, (p @ l[:, :r]).T, d[:r]
       scale = 1.0 if alpha is None else alpha / r
@@ -343,7 +315,7 @@ def soka(targets, rank: int | str = 'auto', *, energy: float = 0.9, max_rank: in
   for r in [rank, *(rank_pattern or {}).values()]:
     if isinstance(r, str) and r not in KRON_RANKS:
       raise ValueError(f'soka rank {r!r} must be an int or one of {KRON_RANKS}')
-  config = dict(method='soka', targets=_targets(targets), rank=rank, energy=energy,
+  config = dict(method='soka', targets=target_list(targets), rank=rank, energy=energy,
                 max_rank=max_rank, rank_pattern=dict(rank_pattern or {}),
                 factor_pattern={k: list(v) for k, v in (factor_pattern or {}).items()})
 
@@ -359,12 +331,12 @@ def soka(targets, rank: int | str = 'auto', *, energy: float = 0.9, max_rank: in
       by_energy, by_elbow = linalg.energy_rank(s, energy), linalg.elbow_rank(s)
       r = {'energy': by_energy, 'elbow': by_elbow, 'auto': min(by_energy, by_elbow)}[r]
       r = r if max_rank is None else min(r, max_rank)
-    return _rank('soka', path, r, shape, limit=len(s))
+    return check_rank('soka', path, r, shape, limit=len(s))
 
   def init(rng, params, *, calib=None):
     del rng, calib
-    flat, chosen = _chosen(params, config['targets'], rank_pattern,
-                           {'factor_pattern': factor_pattern})
+    flat, chosen = select_matrices(params, config['targets'], rank_pattern=rank_pattern,
+                                   factor_pattern=factor_pattern)
     state = {}
     for path in chosen:
       w = materialize(flat[path])
