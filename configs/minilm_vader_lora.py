@@ -8,7 +8,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = ml_collections.ConfigDict({'name': 'minilm'})
+  c.model = ml_collections.ConfigDict({'name': 'minilm', 'remat': False})
   c.data = ml_collections.ConfigDict(
       {'name': 'vader', 'domain': 'movie', 'max_length': 64, 'bucket': 16, 'limit': 0})
   c.method = ml_collections.ConfigDict({
@@ -20,6 +20,13 @@ def get_config():
   c.train = ml_collections.ConfigDict({
       'batch_size': 32, 'eval_batch_size': 64, 'epochs': 3, 'max_steps': 0, 'log_every': 20,
       'checkpoint_every': 100, 'keep_checkpoints': 2,
+      'accumulate': 1,  # micro-batches per step (gradient accumulation)
+      'compute_dtype': 'float32',  # or 'bfloat16' (float32 master weights and optimiser)
       'halt_at_step': 0})  # halt_at_step: stop abruptly there, as a crash would (resume tests).
-  c.mesh = ml_collections.ConfigDict({'data': -1})
+  # Devices: -1 takes all the rest. fsdp shards weights and batch, tensor shards heads / MLP.
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  # Multi-process runs (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
+  # auto=True on TPU pods, SLURM, MPI).
+  c.distributed = ml_collections.ConfigDict(
+      {'coordinator_address': '', 'num_processes': 0, 'process_id': -1, 'auto': False})
   return c

@@ -1,7 +1,14 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures. Tests run with 8 CPU devices (for the sharding tests)."""
 from __future__ import annotations
 
+import os
 import pathlib
+import sys
+
+if 'jax' in sys.modules:
+  raise RuntimeError('conftest must set XLA_FLAGS before jax is imported')
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
 
 import pytest
 

@@ -6,35 +6,13 @@ import pathlib
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
-import safetensors.numpy
 
-from configs import minilm_vader_lora, minilm_vader_probe
+from configs import minilm_vader_probe
 from peftjax.train.checkpoint import CheckpointError
 from peftjax.train.loop import train
-
-
-def tiny(get_config=minilm_vader_lora.get_config, **train_overrides):
-  c = get_config()
-  c.model = ml_collections.ConfigDict(
-      {'name': 'bert', 'hidden_size': 32, 'num_layers': 2, 'num_heads': 4,
-       'intermediate_size': 64})
-  c.data.limit, c.data.max_length = 80, 32
-  c.train.batch_size, c.train.eval_batch_size, c.train.epochs = 16, 32, 2
-  c.train.checkpoint_every, c.train.log_every = 2, 2
-  c.train.update(train_overrides)
-  return c
-
-
-def train_losses(workdir):
-  return [(r['step'], r['loss']) for r in map(json.loads, (workdir / 'metrics.jsonl').open())
-          if r['kind'] == 'train']
-
-
-def adapter_tensors(workdir):
-  return safetensors.numpy.load_file(str(workdir / 'adapter' / 'adapter.safetensors'))
+from tiny_runs import adapter_tensors, tiny, train_losses
 
 
 @pytest.fixture(scope='module')

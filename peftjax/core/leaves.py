@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from peftjax.core.dropout import dropout
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 class LowRank:
   """The weight `w + (a @ b) * scale`; `dropout` is applied to the input of the `a @ b` path.
 
@@ -29,6 +29,10 @@ class LowRank:
 
   def tree_flatten(self):
     return (self.w, self.a, self.b), (self.scale, self.dropout)
+
+  def tree_flatten_with_keys(self):  # key paths end in w / a / b (used by sharding rules)
+    keys = map(jax.tree_util.GetAttrKey, ('w', 'a', 'b'))
+    return tuple(zip(keys, (self.w, self.a, self.b))), (self.scale, self.dropout)
 
   @classmethod
   def tree_unflatten(cls, aux, children):

@@ -8,6 +8,11 @@ are structured leaves (e.g. `LowRank`) runs unchanged. Param paths (slash-joined
   encoder/layer_{i}/attention_norm/{scale,bias}
   encoder/layer_{i}/{intermediate,output}/{kernel,bias}
   encoder/layer_{i}/output_norm/{scale,bias}
+
+`PARAM_AXES` names each param's axes logically, for sharding rules (`peftjax.parallel`).
+Compute runs in the dtype of the params it is given (bf16 params: bf16 matmuls), with
+LayerNorm statistics, attention softmax and pooling in float32. `Bert(remat=True)` recomputes
+each block's activations in the backward pass instead of storing them.
 """
 from __future__ import annotations
 
@@ -21,8 +26,22 @@ import jax.numpy as jnp
 
 from peftjax.core import leaves
 from peftjax.core.dropout import dropout
+from peftjax.parallel.sharding import axes_from_table
 
 _INIT = nn.initializers.normal(stddev=0.02)
+
+PARAM_AXES = (
+    (r'embeddings/word/embedding$', ('vocab', 'embed')),
+    (r'embeddings/(position|token_type)/embedding$', ('position', 'embed')),
+    (r'norm/(scale|bias)$', ('norm',)),
+    (r'attention/(query|key|value)/kernel$', ('embed', 'heads')),
+    (r'attention/(query|key|value)/bias$', ('heads',)),
+    (r'attention/output/kernel$', ('heads', 'embed')),
+    (r'intermediate/kernel$', ('embed', 'mlp')),
+    (r'intermediate/bias$', ('mlp',)),
+    (r'layer_\d+/output/kernel$', ('mlp', 'embed')),
+    (r'output/bias$', ('embed',)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +149,10 @@ class SelfAttention(nn.Module):
 
     q, k, v = heads('query'), heads('key'), heads('value')
     scores = (q @ k.transpose(0, 1, 3, 2)) / jnp.asarray(math.sqrt(cfg.head_dim), q.dtype)
-    mask = attention_mask[:, None, None, :].astype(scores.dtype)
-    scores = scores + (1.0 - mask) * jnp.finfo(scores.dtype).min
-    probs = jax.nn.softmax(scores, axis=-1)
+    scores = scores.astype(jnp.float32)
+    mask = attention_mask[:, None, None, :].astype(jnp.float32)
+    scores = scores + (1.0 - mask) * jnp.finfo(jnp.float32).min
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = Dropout(cfg.attention_dropout)(probs, train=train)
     ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, l, cfg.hidden_size)
     return Dense(cfg.hidden_size, name='output')(ctx, train=train)
@@ -143,7 +163,7 @@ class Layer(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask, *, train: bool = False):
+  def __call__(self, x, attention_mask, train: bool = False):
     cfg = self.config
     drop = Dropout(cfg.hidden_dropout)
     h = SelfAttention(cfg, name='attention')(x, attention_mask, train=train)
@@ -157,13 +177,15 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """The stack of `num_layers` blocks, named `layer_{i}`."""
+  """The stack of `num_layers` blocks, named `layer_{i}` (rematerialised with `remat`)."""
   config: BertConfig
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, attention_mask, *, train: bool = False):
+    block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
     for i in range(self.config.num_layers):
-      x = Layer(self.config, name=f'layer_{i}')(x, attention_mask, train=train)
+      x = block(self.config, name=f'layer_{i}')(x, attention_mask, train)
     return x
 
 
@@ -171,20 +193,25 @@ class Bert(nn.Module):
   """BERT encoder returning the last hidden states [B, L, H] (no pooler).
 
   Dropout (hidden, attention-prob and adapter dropout) is active only with `train=True`,
-  which needs a 'dropout' rng.
+  which needs a 'dropout' rng. `remat` recomputes each block in the backward pass.
   """
   config: BertConfig
+  remat: bool = False
+
+  logical_axes = staticmethod(axes_from_table(PARAM_AXES))
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = Embeddings(self.config, name='embeddings')(input_ids, token_type_ids, train=train)
-    return Encoder(self.config, name='encoder')(x, attention_mask, train=train)
+    return Encoder(self.config, self.remat, name='encoder')(x, attention_mask, train=train)
 
 
 def mean_pool(hidden, attention_mask):
-  """Mean of `hidden` [B, L, H] over non-pad tokens (sentence-transformers semantics)."""
+  """Mean of `hidden` [B, L, H] over non-pad tokens (sentence-transformers semantics), in
+  float32 or wider."""
+  hidden = hidden.astype(jnp.promote_types(hidden.dtype, jnp.float32))
   mask = attention_mask.astype(hidden.dtype)[..., None]
   total = jnp.sum(hidden * mask, axis=-2)
   count = jnp.maximum(jnp.sum(mask, axis=-2), jnp.asarray(1e-9, hidden.dtype))

@@ -7,17 +7,30 @@ early, after an evaluation where it stops. At the end: test accuracy of the best
 checkpoint with exactly the batches, dropout keys and optimiser state it would have had.
 Data-initialised methods (CorDA, EVA, LoRA-GA) get a lazy `Calibration` on the first
 `config.calibration.batches` training batches (deterministic, so a resume rebuilds it).
+
+Scale-out: the run joins a multi-process job when `config.distributed` or the environment
+asks (`peftjax.parallel.mesh.init_distributed`), builds the (data, fsdp, tensor) mesh of
+`config.mesh`, shards the base weights by the model's logical axes and every adapter and
+optimiser leaf like the weight it belongs to (`peftjax.parallel.sharding`), and jits the step
+with those in/out shardings, donating the old state. Each process transfers only the batch
+rows of its own devices; only process 0 writes metrics, adapters and summaries, while
+checkpoints are written by all (orbax). `train.accumulate` micro-batches per step,
+`train.compute_dtype` ('float32' or 'bfloat16': float32 master weights and optimiser) and
+`model.remat` trade speed for memory. A non-finite loss stops the run before anything is
+saved over the last good checkpoint.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import logging
+import math
 import pathlib
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -29,7 +42,9 @@ from peftjax.io.adapter_file import load_adapter, save_adapter
 from peftjax.io.files import atomic_write_text
 from peftjax.models import Backbone, build
 from peftjax.objectives.classification import cross_entropy
-from peftjax.parallel.mesh import batch_sharded, make_mesh, replicated
+from peftjax.parallel import sharding as PS
+from peftjax.parallel.mesh import (batch_sharded, batch_shards, fetch, init_distributed,
+                                   mesh_from_config, put, replicated)
 from peftjax.train import step as S
 from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.metrics import MetricsLog, plot_curves
@@ -77,9 +92,12 @@ def calibration(config, backbone: Backbone, train_data, head) -> Calibration:
                      mask_fn=lambda b: b['attention_mask'] * b['weights'][:, None])
 
 
-# Config keys that may change between a run and its resumption without changing its result.
+# Config keys that may change between a run and its resumption without changing its result
+# (the mesh and process layout change only the order of floating-point sums).
 _RESUMABLE = {'train.halt_at_step', 'train.checkpoint_every', 'train.keep_checkpoints',
               'train.log_every'}
+_RESUMABLE_PREFIXES = ('mesh.', 'distributed.')
+COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 
 def _prepare_workdir(workdir: pathlib.Path, config, resume: bool, ckpt: Checkpointer):
@@ -91,10 +109,12 @@ def _prepare_workdir(workdir: pathlib.Path, config, resume: bool, ckpt: Checkpoi
   if resume and saved.exists():
     before = json.loads(saved.read_text())
     changed = sorted(k for k in set(_flat(before)) | set(_flat(current))
-                     if _flat(before).get(k) != _flat(current).get(k) and k not in _RESUMABLE)
+                     if _flat(before).get(k) != _flat(current).get(k) and k not in _RESUMABLE
+                     and not k.startswith(_RESUMABLE_PREFIXES))
     if changed:
       raise ValueError(f'--resume with a different config than {saved}: {", ".join(changed)}')
-  atomic_write_text(saved, json.dumps(current, indent=2))
+  if jax.process_index() == 0:
+    atomic_write_text(saved, json.dumps(current, indent=2))
 
 
 def _flat(d, prefix=''):
@@ -109,15 +129,30 @@ def evaluate(eval_step, trainable, frozen, data, config, sharding) -> dict:
   sums = None
   for batch in vader.batches(tokens, labels, config.train.eval_batch_size,
                              bucket=config.data.bucket):
-    out = eval_step(trainable, frozen, jax.device_put(batch, sharding))
+    out = eval_step(trainable, frozen, put(batch, sharding))
     sums = out if sums is None else jax.tree.map(np.add, sums, out)
   sums = jax.device_get(sums)
   return {'loss': float(sums['loss'] / sums['count']),
           'accuracy': float(sums['correct'] / sums['count'])}
 
 
+def place(backbone: Backbone, frozen, trainable, tx, mesh, compute_dtype=None):
+  """`(state, frozen on devices, state shardings, frozen shardings)` on `mesh`: base weights
+  by the model's logical axes, adapter and optimiser leaves like their base weight. The
+  frozen tree goes to the devices in the compute dtype (the host copy is left as it is)."""
+  base = PS.param_specs(backbone.params, backbone.logical_axes, mesh)
+  trainable = jax.device_get(trainable)
+  state_sh = PS.shardings(jax.eval_shape(lambda t: S.init_state(t, tx), trainable), base, mesh)
+  state = jax.jit(lambda t: S.init_state(t, tx), out_shardings=state_sh)(
+      put(trainable, state_sh.trainable))
+  frozen_sh = PS.shardings(frozen, base, mesh)
+  frozen_dev = put(S.cast_floats(jax.device_get(frozen), compute_dtype), frozen_sh)
+  return state, frozen_dev, state_sh, frozen_sh
+
+
 def train(config, workdir, *, resume: bool = False) -> dict:
   """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
+  init_distributed(config.get('distributed'))
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
@@ -133,7 +168,8 @@ def train(config, workdir, *, resume: bool = False) -> dict:
   head = S.init_head(k_head, backbone.width, int(data['train'][1].max()) + 1)
   frozen, adapter_state = adapter.init(
       k_adapter, backbone.params, calib=calibration(config, backbone, data['train'], head))
-  print(summary(adapter, frozen, adapter_state, head), flush=True)
+  if main:
+    print(summary(adapter, frozen, adapter_state, head), flush=True)
 
   steps_per_epoch = vader.num_batches(len(data['train'][0]), tc.batch_size)
   total_steps = steps_per_epoch * tc.epochs
@@ -143,25 +179,36 @@ def train(config, workdir, *, resume: bool = False) -> dict:
     config.optimizer.total_steps = total_steps
   tx = S.make_optimizer(config.optimizer, adapter)
 
-  mesh = make_mesh(config.mesh.data)
+  mesh = mesh_from_config(config.mesh)
+  accumulate = int(tc.get('accumulate', 1))
+  _check_batch(tc, batch_shards(mesh), accumulate)
+  dtype_name = tc.get('compute_dtype', 'float32')
+  if dtype_name not in COMPUTE_DTYPES:
+    raise ValueError(f'train.compute_dtype {dtype_name!r}; expected one of '
+                     f'{sorted(COMPUTE_DTYPES)}')
+  compute_dtype = COMPUTE_DTYPES[dtype_name]
   rep, shard = replicated(mesh), batch_sharded(mesh)
-  state = jax.device_put(S.init_state({'adapter': adapter_state, 'head': head}, tx), rep)
-  frozen = jax.device_put(frozen, rep)
-  train_step = jax.jit(S.make_train_step(backbone, adapter, tx, config.seed),
-                       in_shardings=(rep, rep, shard), out_shardings=(rep, rep),
-                       donate_argnums=0)
-  eval_step = jax.jit(S.make_eval_step(backbone, adapter), in_shardings=(rep, rep, shard),
-                      out_shardings=rep)
+  state, frozen_dev, state_sh, frozen_sh = place(
+      backbone, frozen, {'adapter': adapter_state, 'head': head}, tx, mesh, compute_dtype)
+  train_step = jax.jit(
+      S.make_train_step(backbone, adapter, tx, config.seed, accumulate=accumulate,
+                        compute_dtype=compute_dtype),
+      in_shardings=(state_sh, frozen_sh, shard), out_shardings=(state_sh, rep),
+      donate_argnums=0)
+  eval_step = jax.jit(S.make_eval_step(backbone, adapter, compute_dtype),
+                      in_shardings=(state_sh.trainable, frozen_sh, shard), out_shardings=rep)
 
   pos = {'epoch': 0, 'batch': 0, 'best_accuracy': -1.0, 'best_epoch': -1}
   best = None
   if resume and ckpt.latest_step() is not None:
     state, pos = ckpt.restore(ckpt.latest_step(), state)
-    metrics.rewind(int(state.step))
+    if main:
+      metrics.rewind(int(state.step))
     if pos['best_epoch'] >= 0:
       _, _, best_state, best_head, _ = load_adapter(workdir / 'adapter', backbone.params)
       best = {'adapter': best_state, 'head': best_head}
-    print(f'resumed at step {int(state.step)} (epoch {pos["epoch"]}, batch {pos["batch"]})')
+    if main:
+      print(f'resumed at step {int(state.step)} (epoch {pos["epoch"]}, batch {pos["batch"]})')
   elif main:
     metrics.rewind(-1)
 
@@ -173,7 +220,7 @@ def train(config, workdir, *, resume: bool = False) -> dict:
                                     'attention_mask') else (tc.batch_size,),
                                     np.float32 if k == 'weights' else np.int32, sharding=shard)
             for k in ('input_ids', 'attention_mask', 'labels', 'weights')}
-    compiled[width] = train_step.lower(state, frozen, spec).compile()
+    compiled[width] = train_step.lower(state, frozen_dev, spec).compile()
 
   step = int(state.step)
   pending, train_time, trained = [], 0.0, 0
@@ -187,6 +234,14 @@ def train(config, workdir, *, resume: bool = False) -> dict:
       metrics.write(records)
       bar.set_postfix(loss=f"{np.mean([r['loss'] for r in records]):.4f}", refresh=False)
     pending.clear()
+    bad = next((r for r in records if not math.isfinite(r['loss'])), None)
+    if bad is not None:  # Stop before anything is saved from the broken state.
+      bar.close()
+      ckpt.close()
+      raise FloatingPointError(
+          f"training loss is {bad['loss']} at step {bad['step']}; stopped without saving. "
+          f"The last good checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}. "
+          'Lower optimizer.lr or set optimizer.clip_norm and run again in a new --workdir.')
 
   def save_checkpoint(epoch, batch):
     ckpt.save(step, state, {**pos, 'epoch': epoch, 'batch': batch})
@@ -199,8 +254,7 @@ def train(config, workdir, *, resume: bool = False) -> dict:
                               start):
       if step >= total_steps:
         break
-      state, out = compiled[batch['input_ids'].shape[1]](state, frozen,
-                                                          jax.device_put(batch, shard))
+      state, out = compiled[batch['input_ids'].shape[1]](state, frozen_dev, put(batch, shard))
       step += 1
       trained += 1
       pending.append((step, out['loss']))
@@ -221,14 +275,14 @@ def train(config, workdir, *, resume: bool = False) -> dict:
     jax.block_until_ready(state)
     train_time += time.perf_counter() - tic
 
-    val = evaluate(eval_step, state.trainable, frozen, data['val'], config, shard)
+    val = evaluate(eval_step, state.trainable, frozen_dev, data['val'], config, shard)
     if main:
       metrics.write([{'kind': 'val', 'step': step, 'epoch': epoch + 1, **val}])
-    bar.write(f"epoch {epoch + 1}/{tc.epochs}: val accuracy {val['accuracy']:.4f}, "
-              f"val loss {val['loss']:.4f}")
+      bar.write(f"epoch {epoch + 1}/{tc.epochs}: val accuracy {val['accuracy']:.4f}, "
+                f"val loss {val['loss']:.4f}")
     if val['accuracy'] > pos['best_accuracy']:
       pos |= {'best_accuracy': val['accuracy'], 'best_epoch': epoch + 1}
-      best = jax.device_get(state.trainable)
+      best = fetch(state.trainable)
       if main:
         save_adapter(workdir / 'adapter', adapter, frozen, best['adapter'], head=best['head'],
                      base_model=backbone.model_id)
@@ -238,8 +292,9 @@ def train(config, workdir, *, resume: bool = False) -> dict:
   bar.close()
   ckpt.close()
 
-  best = best if best is not None else jax.device_get(state.trainable)
-  test = evaluate(eval_step, jax.device_put(best, rep), frozen, data['test'], config, shard)
+  best = best if best is not None else fetch(state.trainable)
+  test = evaluate(eval_step, put(best, state_sh.trainable), frozen_dev, data['test'], config,
+                  shard)
   adapter_file = workdir / 'adapter' / 'adapter.safetensors'
   base_bytes = sum(x.nbytes for x in jax.tree.leaves(backbone.params))
   result = {
@@ -255,12 +310,26 @@ def train(config, workdir, *, resume: bool = False) -> dict:
       'base_model_bytes': base_bytes,
       'base_model': backbone.model_id,
       'devices': mesh.size,
+      'mesh': dict(mesh.shape),
+      'processes': jax.process_count(),
+      'compute_dtype': dtype_name,
   }
   if main:
     metrics.write([{'kind': 'test', 'step': step, **test}])
     atomic_write_text(workdir / 'summary.json', json.dumps(result, indent=2))
     plot_curves(metrics.read(), workdir / 'curves.png',
                 title=f"{config.method.name}: test accuracy {test['accuracy']:.4f}")
-  print(f"test accuracy {test['accuracy']:.4f} (best val {pos['best_accuracy']:.4f} at epoch "
-        f"{pos['best_epoch']}); summary in {workdir / 'summary.json'}")
+    print(f"test accuracy {test['accuracy']:.4f} (best val {pos['best_accuracy']:.4f} at "
+          f"epoch {pos['best_epoch']}); summary in {workdir / 'summary.json'}")
   return result
+
+
+def _check_batch(tc, shards: int, accumulate: int):
+  """Batches must split evenly over the mesh's batch axes (and into micro-batches)."""
+  if accumulate < 1 or tc.batch_size % (shards * accumulate):
+    raise ValueError(f'train.batch_size {tc.batch_size} must be a multiple of the mesh\'s '
+                     f'batch shards (data x fsdp = {shards}) times train.accumulate '
+                     f'({accumulate})')
+  if tc.eval_batch_size % shards:
+    raise ValueError(f'train.eval_batch_size {tc.eval_batch_size} must be a multiple of the '
+                     f"mesh's batch shards (data x fsdp = {shards})")

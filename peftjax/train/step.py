@@ -1,4 +1,9 @@
-"""The jitted pieces of training: state, optimiser, train step and eval step."""
+"""The jitted pieces of training: state, optimiser, train step and eval step.
+
+Mixed precision: with `compute_dtype=jnp.bfloat16` the tree the model runs with is cast to
+bf16 inside the step, so the trainable params, their gradients and the optimiser state stay
+float32 (the master copy) while matmuls run in bf16; losses are float32.
+"""
 from __future__ import annotations
 
 import math
@@ -59,28 +64,61 @@ def init_state(trainable, tx) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
 
-def logits_fn(backbone: Backbone, adapter: Adapter):
+def cast_floats(tree, dtype):
+  """`tree` with every floating array (structured leaves' too) cast to `dtype`."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def logits_fn(backbone: Backbone, adapter: Adapter, compute_dtype=None):
   def logits(trainable, frozen, batch, *, train=False, rng=None):
-    params = adapter.apply(frozen, trainable['adapter'])
+    params = cast_floats(adapter.apply(frozen, trainable['adapter']), compute_dtype)
     pooled = backbone.embed(params, batch, train=train, rng=rng)
     head = trainable['head']
     return pooled @ head['kernel'] + head['bias']
   return logits
 
 
-def make_train_step(backbone: Backbone, adapter: Adapter, tx, seed: int):
-  """`step(state, frozen, batch) -> (state, metrics)`; dropout keys derive from (seed, step)."""
-  logits = logits_fn(backbone, adapter)
+def make_train_step(backbone: Backbone, adapter: Adapter, tx, seed: int, *,
+                    accumulate: int = 1, compute_dtype=None):
+  """`step(state, frozen, batch) -> (state, metrics)`; dropout keys derive from (seed, step).
+
+  `accumulate > 1` splits the batch into that many micro-batches (rows i, i + k, ...), runs
+  them one after another and sums their gradients weighted by their rows, so the update is
+  the full batch's (each micro-batch draws its own dropout key) at a fraction of the memory.
+  """
+  logits = logits_fn(backbone, adapter, compute_dtype)
 
   def loss_fn(trainable, frozen, batch, rng):
     out = logits(trainable, frozen, batch, train=True, rng=rng)
     loss = cross_entropy(out, batch['labels'], batch['weights'])
     return loss + regularizer(adapter, trainable['adapter']), loss
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def gradients(trainable, frozen, batch, rng):
+    if accumulate == 1:
+      (_, loss), grads = grad_fn(trainable, frozen, batch, rng)
+      return loss, grads
+    micro = jax.tree.map(lambda x: jnp.swapaxes(
+        x.reshape(x.shape[0] // accumulate, accumulate, *x.shape[1:]), 0, 1), batch)
+    total = jnp.sum(batch['weights'])
+
+    def add(carry, xs):
+      i, part = xs
+      (_, loss), grads = grad_fn(trainable, frozen, part, jax.random.fold_in(rng, i))
+      w = jnp.sum(part['weights']) / total
+      return jax.tree.map(lambda c, g: c + g * w, carry, (loss, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), trainable))
+    (loss, grads), _ = jax.lax.scan(add, zeros, (jnp.arange(accumulate), micro))
+    return loss, grads
+
   def step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.trainable, frozen, batch, rng)
+    loss, grads = gradients(state.trainable, frozen, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
@@ -89,9 +127,9 @@ def make_train_step(backbone: Backbone, adapter: Adapter, tx, seed: int):
   return step
 
 
-def make_eval_step(backbone: Backbone, adapter: Adapter):
+def make_eval_step(backbone: Backbone, adapter: Adapter, compute_dtype=None):
   """`eval_step(trainable, frozen, batch) -> {'loss', 'correct', 'count'}` sums."""
-  logits = logits_fn(backbone, adapter)
+  logits = logits_fn(backbone, adapter, compute_dtype)
 
   def eval_step(trainable, frozen, batch):
     return eval_counts(logits(trainable, frozen, batch), batch['labels'], batch['weights'])

@@ -1,0 +1,152 @@
+"""Shardings of param, adapter and optimiser trees from logical-axis rules (t5x-style).
+
+A model names the axes of each of its params logically (`Backbone.logical_axes`, e.g. a
+query kernel is `('embed', 'heads')`); `RULES` map logical names to mesh axes. Every other
+tree the trainer holds inherits from the base weights by path: any leaf whose slash path
+contains a base param's path (an adapter state `{path: {'a', 'b'}}`, a frozen `LowRank`
+leaf, the optimiser's moments of either) takes that param's sharding:
+
+- a leaf of the param's shape: the param's spec;
+- a low-rank factor (`a`/`u`: in x r, `b`/`vt`: r x out): the param's in / out axis, rank
+  axis unsharded (as qwix and MaxText shard LoRA);
+- a vector over the param's out (or in) axis, e.g. SSF scales: that axis's spec;
+- anything else (ranks' singular values, scalars, the head, step counters): replicated.
+
+A mesh axis is dropped from a spec where it does not divide the dimension, so any mesh
+shape works for any model; `describe` shows what was actually sharded.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# (logical axis, mesh axes) pairs; the first rule naming an axis wins.
+RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('position', None),
+)
+
+IN_FACTORS = ('a', 'u')    # (in, r)
+OUT_FACTORS = ('b', 'vt')  # (r, out)
+
+
+def axes_from_table(table: Sequence[tuple[str, tuple]]) -> Callable[[str], tuple]:
+  """`path -> logical axes` from `(regex, axes)` rows; the first row that matches wins."""
+  compiled = [(re.compile(pattern), axes) for pattern, axes in table]
+
+  def axes(path: str) -> tuple:
+    for pattern, names in compiled:
+      if pattern.search(path):
+        return names
+    raise ValueError(f'no logical axes for param {path!r}; the model\'s table has patterns '
+                     f'{[p for p, _ in table]}')
+
+  return axes
+
+
+def logical_to_spec(names: Sequence[str | None], shape, mesh: Mesh,
+                    rules=RULES) -> PartitionSpec:
+  """The PartitionSpec of an array with logical axis `names` under `rules`."""
+  if len(names) != len(shape):
+    raise ValueError(f'logical axes {tuple(names)} do not fit an array of shape {tuple(shape)}')
+  table = {}
+  for name, mesh_axes in rules:
+    table.setdefault(name, mesh_axes)
+  used, spec = set(), []
+  for name, dim in zip(names, shape):
+    if name is not None and name not in table:
+      raise ValueError(f'logical axis {name!r} has no rule; rules name {sorted(table)}')
+    spec.append(_fit(table.get(name), dim, mesh, used))
+  return PartitionSpec(*spec)
+
+
+def _fit(mesh_axes, dim: int, mesh: Mesh, used: set):
+  """The mesh axes (of `mesh_axes`) that are unused, larger than 1 and divide `dim`."""
+  if mesh_axes is None:
+    return None
+  kept, size = [], 1
+  for axis in (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes:
+    n = mesh.shape[axis]
+    if axis in used or n == 1 or dim % (size * n):
+      continue
+    kept.append(axis)
+    size *= n
+  used.update(kept)
+  return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
+
+
+def param_specs(params, logical_axes: Callable[[str], tuple], mesh: Mesh,
+                rules=RULES) -> dict[str, tuple[PartitionSpec, tuple]]:
+  """`{slash path: (spec, shape)}` for every param of a (plain) model tree."""
+  out = {}
+  for key_path, x in jax.tree_util.tree_leaves_with_path(params):
+    path = key_string(key_path)
+    out[path] = (logical_to_spec(logical_axes(path), x.shape, mesh, rules), tuple(x.shape))
+  return out
+
+
+def shardings(tree, base: dict[str, tuple[PartitionSpec, tuple]], mesh: Mesh):
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs), inherited from
+  the base params `base` (from `param_specs`) as the module docstring says."""
+
+  def one(key_path, x):
+    return NamedSharding(mesh, _inherit(key_string(key_path).split('/'), x.shape, base, mesh))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _inherit(segments: list[str], shape, base, mesh: Mesh) -> PartitionSpec:
+  shape = tuple(shape)
+  for i in range(len(segments)):
+    for j in range(len(segments), i, -1):
+      hit = base.get('/'.join(segments[i:j]))
+      if hit is not None:
+        return _role(segments[j:], shape, *hit, mesh)
+  return PartitionSpec()
+
+
+def _role(rest: list[str], shape, spec: PartitionSpec, base_shape, mesh: Mesh):
+  spec = tuple(spec) + (None,) * (len(base_shape) - len(spec))
+  role = rest[-1] if rest else ''
+  if shape == base_shape:
+    return PartitionSpec(*spec)
+  if len(base_shape) == 2 and len(shape) == 2:
+    if role in IN_FACTORS and shape[0] == base_shape[0]:
+      return PartitionSpec(spec[0], None)
+    if role in OUT_FACTORS and shape[1] == base_shape[1]:
+      return PartitionSpec(None, spec[1])
+  if len(shape) == 1:
+    for axis in reversed(range(len(base_shape))):  # the out axis first
+      if base_shape[axis] == shape[0]:
+        return PartitionSpec(spec[axis])
+  return PartitionSpec()
+
+
+def key_string(key_path) -> str:
+  """`encoder/layer_0/attention/query/kernel/a` from a JAX key path."""
+  parts = []
+  for k in key_path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def describe(tree_shardings) -> dict[str, str]:
+  """`{path: 'PartitionSpec(...)'}` of the sharded leaves (replicated ones left out)."""
+  out = {}
+  for key_path, s in jax.tree_util.tree_leaves_with_path(tree_shardings):
+    if any(a is not None for a in s.spec):
+      out[key_string(key_path)] = str(s.spec)
+  return out

@@ -1,0 +1,108 @@
+"""Logical-axis rules for the bundled BERT, and adapter / optimiser leaves that inherit the
+sharding of their base weight, on 8 fake CPU devices."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from peftjax import methods
+from peftjax.core.leaves import LowRank
+from peftjax.models import build
+from peftjax.parallel import sharding as PS
+from peftjax.parallel.mesh import make_mesh
+from peftjax.train import step as S
+from peftjax.train.loop import place
+
+Q = 'encoder/layer_0/attention/query/kernel'
+O = 'encoder/layer_1/attention/output/kernel'
+FF_OUT = 'encoder/layer_1/output/kernel'
+
+
+@pytest.fixture(scope='module')
+def backbone():
+  return build(ml_collections.ConfigDict({'name': 'bert', 'hidden_size': 32, 'num_layers': 2,
+                                          'num_heads': 4, 'intermediate_size': 64}), 32)
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return make_mesh(2, 2, 2)
+
+
+def test_every_bert_param_has_logical_axes(backbone, mesh):
+  specs = PS.param_specs(backbone.params, backbone.logical_axes, mesh)
+  assert specs[Q][0] == P('fsdp', 'tensor')
+  assert specs[O][0] == P('tensor', 'fsdp')
+  assert specs[FF_OUT][0] == P('tensor', 'fsdp')
+  assert specs['encoder/layer_0/intermediate/kernel'][0] == P('fsdp', 'tensor')
+  assert specs['embeddings/word/embedding'][0] == P('tensor', 'fsdp')
+  assert specs['encoder/layer_0/output_norm/scale'][0] == P(None)
+  with pytest.raises(ValueError, match="no logical axes for param 'pooler/kernel'"):
+    backbone.logical_axes('pooler/kernel')
+
+
+def test_rules_drop_axes_that_do_not_divide(mesh):
+  assert PS.logical_to_spec(('embed', 'mlp'), (5, 64), mesh) == P(None, 'tensor')
+  assert PS.logical_to_spec(('batch', None), (8, 3), mesh) == P(('data', 'fsdp'), None)
+  assert PS.logical_to_spec(('batch', None), (2, 3), mesh) == P('data', None)
+  one = make_mesh(1)
+  assert PS.logical_to_spec(('embed', 'heads'), (32, 32), one) == P(None, None)
+  with pytest.raises(ValueError, match="logical axis 'experts' has no rule"):
+    PS.logical_to_spec(('experts',), (8,), mesh)
+  with pytest.raises(ValueError, match='do not fit an array of shape'):
+    PS.logical_to_spec(('embed',), (8, 8), mesh)
+
+
+def test_lora_factors_and_adam_moments_inherit_base_sharding(backbone, mesh):
+  adapter = methods.lora(['encoder/.*/kernel'], rank=4)
+  frozen, state = adapter.init(jax.random.key(0), backbone.params)
+  tx = optax.adamw(1e-3)
+  head = S.init_head(jax.random.key(1), 32, 2)
+  placed, frozen_dev, _, _ = place(backbone, frozen, {'adapter': state, 'head': head}, tx, mesh)
+  lora = placed.trainable['adapter']
+  assert lora[Q]['a'].sharding.spec == P('fsdp', None)      # in axis of (embed, heads)
+  assert lora[Q]['b'].sharding.spec == P(None, 'tensor')    # out axis, rank unsharded
+  assert lora[O]['a'].sharding.spec == P('tensor', None)
+  assert lora[O]['b'].sharding.spec == P(None, 'fsdp')
+  mu = placed.opt_state[0].mu['adapter']
+  assert mu[FF_OUT]['a'].sharding.spec == P('tensor', None)
+  assert mu[FF_OUT]['b'].sharding.spec == P(None, 'fsdp')
+  assert placed.opt_state[0].count.sharding.spec == P()
+  assert placed.trainable['head']['kernel'].sharding.spec == P()
+  assert frozen_dev['encoder']['layer_0']['attention']['query']['kernel'].sharding.spec == \
+      P('fsdp', 'tensor')
+  # The placed values are the host values.
+  np.testing.assert_array_equal(np.asarray(lora[Q]['a']), np.asarray(state[Q]['a']))
+
+
+def test_full_fine_tuning_state_shards_like_the_base(backbone, mesh):
+  adapter = methods.full()
+  frozen, state = adapter.init(jax.random.key(0), backbone.params)
+  placed, *_ = place(backbone, frozen, {'adapter': state, 'head': {}}, optax.adam(1e-3), mesh)
+  assert placed.trainable['adapter'][Q].sharding.spec == P('fsdp', 'tensor')
+  assert placed.opt_state[0].nu['adapter'][O].sharding.spec == P('tensor', 'fsdp')
+
+
+def test_structured_leaves_and_vectors_inherit(mesh):
+  base = {Q: (P('fsdp', 'tensor'), (32, 48))}
+  tree = {'frozen': {Q: LowRank(jnp.zeros((32, 48)), jnp.zeros((32, 4)), jnp.zeros((4, 48)),
+                                1.0)},
+          'svd': {Q: {'u': jnp.zeros((32, 4)), 's': jnp.zeros(4), 'vt': jnp.zeros((4, 48))}},
+          'ssf': {Q: {'scale': jnp.zeros(48), 'shift_in': jnp.zeros(32)}},
+          'chain': ({Q: {'a': jnp.zeros((32, 4))}},)}
+  specs = {PS.key_string(path): s.spec for path, s in
+           jax.tree_util.tree_leaves_with_path(PS.shardings(tree, base, mesh))}
+  assert specs[f'frozen/{Q}/w'] == P('fsdp', 'tensor')
+  assert specs[f'frozen/{Q}/a'] == P('fsdp', None)
+  assert specs[f'frozen/{Q}/b'] == P(None, 'tensor')
+  assert specs[f'svd/{Q}/u'] == P('fsdp', None)
+  assert specs[f'svd/{Q}/s'] == P()
+  assert specs[f'svd/{Q}/vt'] == P(None, 'tensor')
+  assert specs[f'ssf/{Q}/scale'] == P('tensor')
+  assert specs[f'ssf/{Q}/shift_in'] == P('fsdp')
+  assert specs[f'chain/0/{Q}/a'] == P('fsdp', None)
