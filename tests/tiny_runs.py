@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 import ml_collections
@@ -38,7 +37,6 @@ def adapter_tensors(workdir):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
   from peftjax.train.loop import train  # pylint: disable=g-import-not-at-top
   overrides = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
   train(tiny(mesh=overrides.get('mesh'), **overrides.get('train', {})), sys.argv[1],
