@@ -1,7 +1,7 @@
 """Train-step time and peak memory of LoRA vs full fine-tuning (and the probe) on MiniLM-L6.
 
   python -m experiments.bench [--seq_len 64] [--steps 20] [--rounds 2] [--json PATH]
-                              [--methods lora,full,probe] [--no-torch] [--model tiny]
+                              [--methods lora,full,probe,lora@bf16] [--no-torch] [--model tiny]
 
 Each method comes from its experiment config (`configs/minilm_vader_<method>.py`): the same
 method, optimiser, seed and batch size as the main job, on a batch of `batch_size x seq_len`
@@ -15,6 +15,9 @@ Where `torch`, `transformers` and `peft` are installed, the same steps also run 
 transformers + HF PEFT on the same weights (`BertModel`, mean pooling, `Linear(width, 2)`,
 LoRA on the HF modules that the config's targets select, AdamW with the config's settings),
 as extra rows with the time ratio peftjax / torch. torch is never required.
+
+A method may carry variants after `@`, joined by `+`: `lora@bf16` (train.compute_dtype
+bfloat16), `lora@remat` (model.remat), `lora@bf16+remat`; these rows have no torch twin.
 """
 from __future__ import annotations
 
@@ -48,9 +51,18 @@ def config_module(method: str) -> str:
   return method if '.' in method else f'configs.minilm_vader_{method}'
 
 
-def load_config(module: str, model: str = 'minilm'):
-  """`get_config()` of a config module; `model='tiny'` swaps in a small random BERT."""
+VARIANTS = {'bf16': ('train', 'compute_dtype', 'bfloat16'), 'remat': ('model', 'remat', True)}
+
+
+def load_config(module: str, model: str = 'minilm', variant: str = ''):
+  """`get_config()` of a config module with `variant`s (`VARIANTS` joined by '+') applied;
+  `model='tiny'` swaps in a small random BERT."""
   config = importlib.import_module(module).get_config()
+  for name in filter(None, variant.split('+')):
+    if name not in VARIANTS:
+      raise ValueError(f'unknown variant {name!r}; expected one of {sorted(VARIANTS)}')
+    group, key, value = VARIANTS[name]
+    config[group][key] = value
   if model == 'tiny':
     import ml_collections  # pylint: disable=g-import-not-at-top
     config.model = ml_collections.ConfigDict(TINY_MODEL)
@@ -92,10 +104,10 @@ def measure_jax(spec: dict) -> dict:
   from peftjax.models import build  # pylint: disable=g-import-not-at-top
   from peftjax.parallel import mesh as M  # pylint: disable=g-import-not-at-top
   from peftjax.train import step as S  # pylint: disable=g-import-not-at-top
-  from peftjax.train.loop import method_from_config  # pylint: disable=g-import-not-at-top
+  from peftjax.train.loop import method_from_config, prepare  # pylint: disable=g-import-not-at-top
 
   tic = time.perf_counter()
-  config = load_config(spec['config'], spec['model'])
+  config = load_config(spec['config'], spec['model'], spec.get('variant', ''))
   backbone = build(config.model, config.data.max_length, config.seed)
   adapter = method_from_config(config.method)
   k_adapter, k_head = jax.random.split(jax.random.key(config.seed))
@@ -105,19 +117,14 @@ def measure_jax(spec: dict) -> dict:
     config.optimizer.total_steps = spec['warmup'] + spec['steps']
   tx = S.make_optimizer(config.optimizer, adapter)
 
-  mesh = M.make_mesh(config.mesh.data)
-  rep, shard = M.replicated(mesh), M.batch_sharded(mesh)
-  state = jax.device_put(S.init_state({'adapter': adapter_state, 'head': head}, tx), rep)
-  frozen = jax.device_put(frozen, rep)
-  train_step = jax.jit(S.make_train_step(backbone, adapter, tx, config.seed),
-                       in_shardings=(rep, rep, shard), out_shardings=(rep, rep),
-                       donate_argnums=0)
-  batch = jax.device_put(make_batch(config.train.batch_size, spec['seq_len'],
-                                    backbone.module.config.vocab_size), shard)
+  run = prepare(config, backbone, adapter, frozen, {'adapter': adapter_state, 'head': head}, tx)
+  state, frozen = run.state, run.frozen
+  batch = M.put(make_batch(config.train.batch_size, spec['seq_len'],
+                           backbone.module.config.vocab_size), run.batch_sharding)
   setup_s = time.perf_counter() - tic
 
   tic = time.perf_counter()
-  compiled = train_step.lower(state, frozen, batch).compile()
+  compiled = run.train_step.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - tic
   for _ in range(spec['warmup']):
     state, metrics = compiled(state, frozen, batch)
@@ -139,7 +146,7 @@ def measure_jax(spec: dict) -> dict:
       'info': {'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
                'backend': jax.default_backend(), 'device': str(device),
                'device_kind': device.device_kind, 'devices': jax.device_count(),
-               'mesh_devices': mesh.size},
+               'mesh_devices': run.mesh.size},
   }
 
 
@@ -266,8 +273,11 @@ def describe_method(config) -> str:
   m = {k: v for k, v in config.method.to_dict().items() if k != 'name'}
   args = ', '.join(f'{k}={list(v) if isinstance(v, tuple) else v}' for k, v in m.items())
   o = config.optimizer
+  extras = [f'{config.train.compute_dtype} compute'] if config.train.get(
+      'compute_dtype', 'float32') != 'float32' else []
+  extras += ['remat per block'] if config.model.get('remat') else []
   return (f'{config.method.name}({args}); AdamW lr {o.lr:g}, wd {o.weight_decay:g}, '
-          f'{o.get("schedule", "constant")}')
+          f'{o.get("schedule", "constant")}' + ''.join(f'; {e}' for e in extras))
 
 
 def plan(args) -> tuple[dict[str, dict], dict[str, str]]:
@@ -276,11 +286,13 @@ def plan(args) -> tuple[dict[str, dict], dict[str, str]]:
   common = {'model': args.model, 'seq_len': args.seq_len, 'steps': args.steps,
             'warmup': args.warmup}
   for method in args.methods:
-    module = config_module(method)
-    config = load_config(module, args.model)
+    base, _, variant = method.partition('@')
+    module = config_module(base)
+    config = load_config(module, args.model, variant)
     described[method] = describe_method(config)
-    specs[method] = {'name': method, 'framework': JAX, 'config': module, **common}
-    if args.torch:
+    specs[method] = {'name': method, 'framework': JAX, 'config': module, 'variant': variant,
+                     **common}
+    if args.torch and not variant:
       hf = torch_plan(config, args.model)
       if hf is None:
         print(f'note: no torch counterpart for {method}', file=sys.stderr)

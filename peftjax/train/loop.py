@@ -28,11 +28,13 @@ import math
 import pathlib
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.sharding import Mesh, NamedSharding
 
 from peftjax import methods
 from peftjax.core.adapter import num_params, summary
@@ -150,6 +152,42 @@ def place(backbone: Backbone, frozen, trainable, tx, mesh, compute_dtype=None):
   return state, frozen_dev, state_sh, frozen_sh
 
 
+class Prepared(NamedTuple):
+  """A run's mesh, its placed state and frozen tree, and its jitted steps."""
+  mesh: Mesh
+  state: S.TrainState
+  frozen: Any
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  train_step: Callable
+  eval_step: Callable
+
+
+def prepare(config, backbone: Backbone, adapter, frozen, trainable, tx) -> Prepared:
+  """Builds `config.mesh`, places the state and the frozen tree on it, and jits the steps
+  with their in/out shardings (the train step donates the old state)."""
+  tc = config.train
+  mesh = mesh_from_config(config.mesh)
+  accumulate = int(tc.get('accumulate', 1))
+  _check_batch(tc, batch_shards(mesh), accumulate)
+  dtype_name = tc.get('compute_dtype', 'float32')
+  if dtype_name not in COMPUTE_DTYPES:
+    raise ValueError(f'train.compute_dtype {dtype_name!r}; expected one of '
+                     f'{sorted(COMPUTE_DTYPES)}')
+  compute_dtype = COMPUTE_DTYPES[dtype_name]
+  rep, shard = replicated(mesh), batch_sharded(mesh)
+  state, frozen_dev, state_sh, frozen_sh = place(backbone, frozen, trainable, tx, mesh,
+                                                 compute_dtype)
+  train_step = jax.jit(
+      S.make_train_step(backbone, adapter, tx, config.seed, accumulate=accumulate,
+                        compute_dtype=compute_dtype),
+      in_shardings=(state_sh, frozen_sh, shard), out_shardings=(state_sh, rep),
+      donate_argnums=0)
+  eval_step = jax.jit(S.make_eval_step(backbone, adapter, compute_dtype),
+                      in_shardings=(state_sh.trainable, frozen_sh, shard), out_shardings=rep)
+  return Prepared(mesh, state, frozen_dev, state_sh, shard, train_step, eval_step)
+
+
 def train(config, workdir, *, resume: bool = False) -> dict:
   """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
   init_distributed(config.get('distributed'))
@@ -179,24 +217,9 @@ def train(config, workdir, *, resume: bool = False) -> dict:
     config.optimizer.total_steps = total_steps
   tx = S.make_optimizer(config.optimizer, adapter)
 
-  mesh = mesh_from_config(config.mesh)
-  accumulate = int(tc.get('accumulate', 1))
-  _check_batch(tc, batch_shards(mesh), accumulate)
-  dtype_name = tc.get('compute_dtype', 'float32')
-  if dtype_name not in COMPUTE_DTYPES:
-    raise ValueError(f'train.compute_dtype {dtype_name!r}; expected one of '
-                     f'{sorted(COMPUTE_DTYPES)}')
-  compute_dtype = COMPUTE_DTYPES[dtype_name]
-  rep, shard = replicated(mesh), batch_sharded(mesh)
-  state, frozen_dev, state_sh, frozen_sh = place(
-      backbone, frozen, {'adapter': adapter_state, 'head': head}, tx, mesh, compute_dtype)
-  train_step = jax.jit(
-      S.make_train_step(backbone, adapter, tx, config.seed, accumulate=accumulate,
-                        compute_dtype=compute_dtype),
-      in_shardings=(state_sh, frozen_sh, shard), out_shardings=(state_sh, rep),
-      donate_argnums=0)
-  eval_step = jax.jit(S.make_eval_step(backbone, adapter, compute_dtype),
-                      in_shardings=(state_sh.trainable, frozen_sh, shard), out_shardings=rep)
+  run = prepare(config, backbone, adapter, frozen, {'adapter': adapter_state, 'head': head}, tx)
+  mesh, state, frozen_dev, shard = run.mesh, run.state, run.frozen, run.batch_sharding
+  train_step, eval_step = run.train_step, run.eval_step
 
   pos = {'epoch': 0, 'batch': 0, 'best_accuracy': -1.0, 'best_epoch': -1}
   best = None
@@ -293,7 +316,7 @@ def train(config, workdir, *, resume: bool = False) -> dict:
   ckpt.close()
 
   best = best if best is not None else fetch(state.trainable)
-  test = evaluate(eval_step, put(best, state_sh.trainable), frozen_dev, data['test'], config,
+  test = evaluate(eval_step, put(best, run.state_shardings.trainable), frozen_dev, data['test'], config,
                   shard)
   adapter_file = workdir / 'adapter' / 'adapter.safetensors'
   base_bytes = sum(x.nbytes for x in jax.tree.leaves(backbone.params))
@@ -312,7 +335,7 @@ def train(config, workdir, *, resume: bool = False) -> dict:
       'devices': mesh.size,
       'mesh': dict(mesh.shape),
       'processes': jax.process_count(),
-      'compute_dtype': dtype_name,
+      'compute_dtype': tc.get('compute_dtype', 'float32'),
   }
   if main:
     metrics.write([{'kind': 'test', 'step': step, **test}])
