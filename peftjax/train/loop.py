@@ -316,8 +316,8 @@ def train(config, workdir, *, resume: bool = False) -> dict:
   ckpt.close()
 
   best = best if best is not None else fetch(state.trainable)
-  test = evaluate(eval_step, put(best, run.state_shardings.trainable), frozen_dev, data['test'], config,
-                  shard)
+  test = evaluate(eval_step, put(best, run.state_shardings.trainable), frozen_dev,
+                  data['test'], config, shard)
   adapter_file = workdir / 'adapter' / 'adapter.safetensors'
   base_bytes = sum(x.nbytes for x in jax.tree.leaves(backbone.params))
   result = {
