@@ -132,6 +132,16 @@ def test_batches_shapes_and_padding():
   assert out[-1]['attention_mask'].sum(1).min() > 0  # Filler rows are never fully masked.
 
 
+def test_batches_rows_are_slices_of_the_whole_batch():
+  tokens, labels = _toy()
+  whole = list(vader.batches(tokens, labels, 16, seed=3, bucket=8))
+  halves = [list(vader.batches(tokens, labels, 16, seed=3, bucket=8, rows=slice(lo, lo + 8)))
+            for lo in (0, 8)]
+  for b, first, second in zip(whole, *halves):
+    for key in b:  # same width as the whole batch, even where a half's rows are shorter
+      np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), b[key])
+
+
 def test_batches_shuffle_and_resume():
   tokens, labels = _toy()
   tokens = [np.concatenate([[i], t]).astype(np.int32) for i, t in enumerate(tokens)]

@@ -42,6 +42,16 @@ def test_put_and_fetch_round_trip_with_any_sharding():
     np.testing.assert_array_equal(M.fetch(y), x)
 
 
+def test_one_process_holds_every_row_and_builds_the_global_batch():
+  mesh = M.make_mesh(2, 2, 2)
+  assert M.host_rows(M.batch_sharded(mesh), 16) == slice(0, 16)
+  assert M.host_rows(M.replicated(mesh), 16) == slice(0, 16)
+  rows = {'ids': np.arange(32).reshape(16, 2)}
+  batch = M.put_rows(rows, M.batch_sharded(mesh), 16)['ids']
+  assert batch.sharding == M.batch_sharded(mesh)
+  np.testing.assert_array_equal(M.fetch(batch), rows['ids'])
+
+
 def test_distributed_is_off_unless_asked(monkeypatch):
   for name in M.ENV:
     monkeypatch.delenv(name, raising=False)

@@ -134,22 +134,28 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_give_the_single_process_losses(tmp_path):
-  single = train(tiny(mesh={'data': 4}, epochs=1), tmp_path / 'single')
+def test_one_config_on_1_device_8_devices_and_2_processes_gives_equal_losses(tmp_path):
+  """The unchanged config (mesh.data = -1: every device there is) in three set-ups."""
+  eight = train(tiny(epochs=1), tmp_path / 'eight')  # this process: 8 devices
+  one = _launch(tmp_path / 'one', {'train': {'epochs': 1}},
+                env={'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
   port = _free_port()
-  procs = [_launch(tmp_path / 'multi', {'train': {'epochs': 1}}, env={
+  procs = [_launch(tmp_path / 'two', {'train': {'epochs': 1}}, env={
       'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2',
       'JAX_PROCESS_ID': str(i), 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
            for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outputs
-  multi = json.loads((tmp_path / 'multi' / 'summary.json').read_text())
-  assert multi['processes'] == 2 and multi['devices'] == 4
-  assert [s for s, _ in train_losses(tmp_path / 'multi')] == [1, 2, 3, 4, 5]  # process 0 only
-  np.testing.assert_allclose(losses(tmp_path / 'multi'), losses(tmp_path / 'single'),
-                             atol=TOL, rtol=0)
-  assert multi['test_accuracy'] == single['test_accuracy']
-  assert 'test accuracy' in outputs[0] and 'test accuracy' not in outputs[1]
+  outputs = [p.communicate(timeout=600)[0] for p in [one, *procs]]
+  assert [p.returncode for p in [one, *procs]] == [0, 0, 0], outputs
+  summaries = {name: json.loads((tmp_path / name / 'summary.json').read_text())
+               for name in ('one', 'two')} | {'eight': eight}
+  assert {k: (s['devices'], s['processes']) for k, s in summaries.items()} == {
+      'one': (1, 1), 'eight': (8, 1), 'two': (4, 2)}
+  assert [s for s, _ in train_losses(tmp_path / 'two')] == [1, 2, 3, 4, 5]  # process 0 only
+  assert 'test accuracy' in outputs[1] and 'test accuracy' not in outputs[2]
+  for name in ('one', 'two'):
+    np.testing.assert_allclose(losses(tmp_path / name), losses(tmp_path / 'eight'),
+                               atol=TOL, rtol=0)
+    assert summaries[name]['test_accuracy'] == eight['test_accuracy']
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -125,7 +125,7 @@ def num_batches(n: int, batch_size: int) -> int:
 
 def batches(tokens: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, *,
             seed: int | None = None, epoch: int = 0, start: int = 0, bucket: int = 16,
-            pad_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
+            pad_id: int = 0, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of padded batches, each exactly `batch_size` rows.
 
   Yields dicts of `input_ids` and `attention_mask` (int32 [B, L]), `labels` (int32 [B]) and
@@ -133,7 +133,9 @@ def batches(tokens: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, *
   `np.random.default_rng([seed, epoch]).permutation(n)`. L is the longest sequence of the
   batch rounded up to a multiple of `bucket`. The last batch is filled up with copies of its
   own rows (real tokens, so no row is fully masked) with weight 0. `start` skips the first
-  `start` batches, so a resumed epoch yields exactly the batches that remained.
+  `start` batches, so a resumed epoch yields exactly the batches that remained. `rows`
+  builds only those rows of each batch (a host's share in a multi-process run); L is still
+  the whole batch's.
   """
   n = len(tokens)
   labels = np.asarray(labels)
@@ -147,17 +149,18 @@ def batches(tokens: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, *
   order = np.arange(n) if seed is None else np.random.default_rng([seed, epoch]).permutation(n)
   for b in range(start, total):
     real = order[b * batch_size:(b + 1) * batch_size]
-    rows = np.resize(real, batch_size)  # Repeats `real` cyclically to fill the batch.
-    lengths = np.array([len(tokens[i]) for i in rows])
+    chosen = np.resize(real, batch_size)  # Repeats `real` cyclically to fill the batch.
+    lengths = np.array([len(tokens[i]) for i in chosen])
     width = max(bucket, -(-int(lengths.max()) // bucket) * bucket)
-    input_ids = np.full((batch_size, width), pad_id, np.int32)
-    for r, i in enumerate(rows):
-      input_ids[r, :lengths[r]] = tokens[i]
     weights = np.zeros(batch_size, np.float32)
     weights[:len(real)] = 1.0
+    chosen, lengths, weights = chosen[rows], lengths[rows], weights[rows]
+    input_ids = np.full((len(chosen), width), pad_id, np.int32)
+    for r, i in enumerate(chosen):
+      input_ids[r, :lengths[r]] = tokens[i]
     yield {
         'input_ids': input_ids,
         'attention_mask': (np.arange(width) < lengths[:, None]).astype(np.int32),
-        'labels': labels[rows].astype(np.int32),
+        'labels': labels[chosen].astype(np.int32),
         'weights': weights,
     }

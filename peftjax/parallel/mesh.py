@@ -84,6 +84,23 @@ def put(tree, shardings):
   return jax.tree.map(one, tree, shardings)
 
 
+def host_rows(sharding, batch_size: int) -> slice:
+  """The rows of a global batch that this process's devices hold (one contiguous block)."""
+  spans = {(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+           for index in sharding.addressable_devices_indices_map((batch_size,)).values()}
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f'this process holds rows {sorted(spans)} of the batch, not one block; '
+                     'order the mesh so that each process owns consecutive batch shards')
+  return slice(lo, hi)
+
+
+def put_rows(rows, sharding, batch_size: int):
+  """A global batch of `batch_size` rows from this process's rows (`host_rows`) of it."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, x, (batch_size, *x.shape[1:])), rows)
+
+
 def fetch(tree):
   """Global arrays as host numpy arrays on every process (gathered across processes)."""
   if jax.process_count() == 1:

@@ -12,8 +12,8 @@ Scale-out: the run joins a multi-process job when `config.distributed` or the en
 asks (`peftjax.parallel.mesh.init_distributed`), builds the (data, fsdp, tensor) mesh of
 `config.mesh`, shards the base weights by the model's logical axes and every adapter and
 optimiser leaf like the weight it belongs to (`peftjax.parallel.sharding`), and jits the step
-with those in/out shardings, donating the old state. Each process transfers only the batch
-rows of its own devices; only process 0 writes metrics, adapters and summaries, while
+with those in/out shardings, donating the old state. Each process builds and transfers only
+the batch rows of its own devices; only process 0 writes metrics, adapters and summaries, while
 checkpoints are written by all (orbax). `train.accumulate` micro-batches per step,
 `train.compute_dtype` ('float32' or 'bfloat16': float32 master weights and optimiser) and
 `model.remat` trade speed for memory. A non-finite loss stops the run before anything is
@@ -45,8 +45,9 @@ from peftjax.io.files import atomic_write_text
 from peftjax.models import Backbone, build
 from peftjax.objectives.classification import cross_entropy
 from peftjax.parallel import sharding as PS
-from peftjax.parallel.mesh import (batch_sharded, batch_shards, fetch, init_distributed,
-                                   mesh_from_config, put, replicated)
+from peftjax.parallel.mesh import (batch_sharded, batch_shards, fetch, host_rows,
+                                   init_distributed, mesh_from_config, put, put_rows,
+                                   replicated)
 from peftjax.train import step as S
 from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.metrics import MetricsLog, plot_curves
@@ -128,10 +129,10 @@ def _flat(d, prefix=''):
 
 def evaluate(eval_step, trainable, frozen, data, config, sharding) -> dict:
   tokens, labels = data
-  sums = None
-  for batch in vader.batches(tokens, labels, config.train.eval_batch_size,
-                             bucket=config.data.bucket):
-    out = eval_step(trainable, frozen, put(batch, sharding))
+  size, sums = config.train.eval_batch_size, None
+  for rows in vader.batches(tokens, labels, size, bucket=config.data.bucket,
+                            rows=host_rows(sharding, size)):
+    out = eval_step(trainable, frozen, put_rows(rows, sharding, size))
     sums = out if sums is None else jax.tree.map(np.add, sums, out)
   sums = jax.device_get(sums)
   return {'loss': float(sums['loss'] / sums['count']),
@@ -272,12 +273,13 @@ def train(config, workdir, *, resume: bool = False) -> dict:
   for epoch in range(pos['epoch'], tc.epochs):
     start = pos['batch'] if epoch == pos['epoch'] else 0
     tic = time.perf_counter()
-    for b, batch in enumerate(vader.batches(*data['train'], tc.batch_size, seed=config.seed,
-                                            epoch=epoch, start=start, bucket=config.data.bucket),
-                              start):
+    for b, rows in enumerate(vader.batches(*data['train'], tc.batch_size, seed=config.seed,
+                                           epoch=epoch, start=start, bucket=config.data.bucket,
+                                           rows=host_rows(shard, tc.batch_size)), start):
       if step >= total_steps:
         break
-      state, out = compiled[batch['input_ids'].shape[1]](state, frozen_dev, put(batch, shard))
+      state, out = compiled[rows['input_ids'].shape[1]](
+          state, frozen_dev, put_rows(rows, shard, tc.batch_size))
       step += 1
       trained += 1
       pending.append((step, out['loss']))
