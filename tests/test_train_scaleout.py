@@ -134,17 +134,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _two_processes(workdir, overrides, resume=False):
+  port = _free_port()
+  procs = [_launch(workdir, overrides, resume=resume, env={
+      'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2',
+      'JAX_PROCESS_ID': str(i), 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+           for i in range(2)]
+  return procs, [p.communicate(timeout=600)[0] for p in procs]
+
+
 def test_one_config_on_1_device_8_devices_and_2_processes_gives_equal_losses(tmp_path):
   """The unchanged config (mesh.data = -1: every device there is) in three set-ups."""
   eight = train(tiny(epochs=1), tmp_path / 'eight')  # this process: 8 devices
   one = _launch(tmp_path / 'one', {'train': {'epochs': 1}},
                 env={'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
-  port = _free_port()
-  procs = [_launch(tmp_path / 'two', {'train': {'epochs': 1}}, env={
-      'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2',
-      'JAX_PROCESS_ID': str(i), 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
-           for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in [one, *procs]]
+  procs, outputs = _two_processes(tmp_path / 'two', {'train': {'epochs': 1}})
+  outputs = [one.communicate(timeout=600)[0], *outputs]
   assert [p.returncode for p in [one, *procs]] == [0, 0, 0], outputs
   summaries = {name: json.loads((tmp_path / name / 'summary.json').read_text())
                for name in ('one', 'two')} | {'eight': eight}
@@ -156,6 +161,18 @@ def test_one_config_on_1_device_8_devices_and_2_processes_gives_equal_losses(tmp
     np.testing.assert_allclose(losses(tmp_path / name), losses(tmp_path / 'eight'),
                                atol=TOL, rtol=0)
     assert summaries[name]['test_accuracy'] == eight['test_accuracy']
+
+
+def test_two_processes_resume_from_their_checkpoint(reference, tmp_path):
+  procs, outputs = _two_processes(tmp_path, {'train': {'halt_at_step': 7}})
+  assert all('halted at step 7' in out for out in outputs), outputs
+  procs, outputs = _two_processes(tmp_path, {}, resume=True)
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  assert 'resumed at step 6' in outputs[0]
+  assert [s for s, _ in train_losses(tmp_path)] == list(range(1, 11))
+  np.testing.assert_allclose(losses(tmp_path), losses(reference[0]), atol=TOL, rtol=0)
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert summary['test_accuracy'] == reference[1]['test_accuracy']
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
