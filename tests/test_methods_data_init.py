@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import minilm_vader_lora
+from experiments.bench import TINY_MODEL
 import peftjax as pj
 from peftjax.core import calib as C
 from peftjax.core import paths as P
@@ -233,8 +234,7 @@ def test_save_load_round_trip_needs_no_calibration_data(name, tmp_path):
 
 def test_trainer_runs_corda_end_to_end(tmp_path):
   c = minilm_vader_lora.get_config()
-  c.model = ml_collections.ConfigDict({'name': 'bert', 'hidden_size': 32, 'num_layers': 2,
-                                       'num_heads': 4, 'intermediate_size': 64})
+  c.model = ml_collections.ConfigDict(TINY_MODEL)
   c.data.limit, c.data.max_length = 48, 32
   c.train.batch_size, c.train.eval_batch_size, c.train.epochs = 16, 48, 1
   c.method = ml_collections.ConfigDict({'name': 'corda', 'targets': ('attention/value/kernel',),

@@ -10,7 +10,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from experiments.bench import TINY_MODEL
 from peftjax import methods
+from peftjax.core import paths
 from peftjax.core.leaves import LowRank
 from peftjax.models import build
 from peftjax.parallel import sharding as PS
@@ -25,8 +27,7 @@ FF_OUT = 'encoder/layer_1/output/kernel'
 
 @pytest.fixture(scope='module')
 def backbone():
-  return build(ml_collections.ConfigDict({'name': 'bert', 'hidden_size': 32, 'num_layers': 2,
-                                          'num_heads': 4, 'intermediate_size': 64}), 32)
+  return build(ml_collections.ConfigDict(TINY_MODEL), 32)
 
 
 @pytest.fixture(scope='module')
@@ -95,7 +96,7 @@ def test_structured_leaves_and_vectors_inherit(mesh):
           'svd': {Q: {'u': jnp.zeros((32, 4)), 's': jnp.zeros(4), 'vt': jnp.zeros((4, 48))}},
           'ssf': {Q: {'scale': jnp.zeros(48), 'shift_in': jnp.zeros(32)}},
           'chain': ({Q: {'a': jnp.zeros((32, 4))}},)}
-  specs = {PS.key_string(path): s.spec for path, s in
+  specs = {paths.path_str(path): s.spec for path, s in
            jax.tree_util.tree_leaves_with_path(PS.shardings(tree, base, mesh))}
   assert specs[f'frozen/{Q}/w'] == P('fsdp', 'tensor')
   assert specs[f'frozen/{Q}/a'] == P('fsdp', None)

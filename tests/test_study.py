@@ -8,13 +8,12 @@ import pytest
 
 from configs import lowrank_study
 from experiments import study
+from experiments.bench import TINY_MODEL
 
 
 def tiny_study(only='lora,pissa,corda_kpm'):
   c = lowrank_study.get_config()
-  c.base.model = ml_collections.ConfigDict(
-      {'name': 'bert', 'hidden_size': 32, 'num_layers': 2, 'num_heads': 4,
-       'intermediate_size': 64})
+  c.base.model = ml_collections.ConfigDict(TINY_MODEL)
   c.base.data.limit, c.base.data.max_length = 64, 16
   c.base.train.batch_size, c.base.train.eval_batch_size, c.base.train.max_steps = 8, 32, 6
   c.base.train.log_every = 3

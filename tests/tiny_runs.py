@@ -11,14 +11,13 @@ import ml_collections
 import safetensors.numpy
 
 from configs import minilm_vader_lora
+from experiments.bench import TINY_MODEL
 
 
 def tiny(get_config=minilm_vader_lora.get_config, *, mesh=None, **train_overrides):
   """A 2-layer, 32-wide random BERT on 80 VADER rows: 5 steps per epoch, 2 epochs."""
   c = get_config()
-  c.model = ml_collections.ConfigDict(
-      {'name': 'bert', 'hidden_size': 32, 'num_layers': 2, 'num_heads': 4,
-       'intermediate_size': 64})
+  c.model = ml_collections.ConfigDict(TINY_MODEL)
   c.data.limit, c.data.max_length = 80, 32
   c.train.batch_size, c.train.eval_batch_size, c.train.epochs = 16, 32, 2
   c.train.checkpoint_every, c.train.log_every = 2, 2

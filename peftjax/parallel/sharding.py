@@ -13,15 +13,16 @@ leaf, the optimiser's moments of either) takes that param's sharding:
 - anything else (ranks' singular values, scalars, the head, step counters): replicated.
 
 A mesh axis is dropped from a spec where it does not divide the dimension, so any mesh
-shape works for any model; `describe` shows what was actually sharded.
+shape works for any model.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from peftjax.core import paths as P
 
 # (logical axis, mesh axes) pairs; the first rule naming an axis wins.
 RULES: tuple[tuple[str, Any], ...] = (
@@ -40,14 +41,14 @@ OUT_FACTORS = ('b', 'vt')  # (r, out)
 
 def axes_from_table(table: Sequence[tuple[str, tuple]]) -> Callable[[str], tuple]:
   """`path -> logical axes` from `(regex, axes)` rows; the first row that matches wins."""
-  compiled = [(re.compile(pattern), axes) for pattern, axes in table]
+  rows = dict(table)
 
   def axes(path: str) -> tuple:
-    for pattern, names in compiled:
-      if pattern.search(path):
-        return names
-    raise ValueError(f'no logical axes for param {path!r}; the model\'s table has patterns '
-                     f'{[p for p, _ in table]}')
+    names = P.first_match(path, rows, None)
+    if names is None:
+      raise ValueError(f'no logical axes for param {path!r}; the model\'s table has patterns '
+                       f'{list(rows)}')
+    return names
 
   return axes
 
@@ -86,11 +87,8 @@ def _fit(mesh_axes, dim: int, mesh: Mesh, used: set):
 def param_specs(params, logical_axes: Callable[[str], tuple], mesh: Mesh,
                 rules=RULES) -> dict[str, tuple[PartitionSpec, tuple]]:
   """`{slash path: (spec, shape)}` for every param of a (plain) model tree."""
-  out = {}
-  for key_path, x in jax.tree_util.tree_leaves_with_path(params):
-    path = key_string(key_path)
-    out[path] = (logical_to_spec(logical_axes(path), x.shape, mesh, rules), tuple(x.shape))
-  return out
+  return {path: (logical_to_spec(logical_axes(path), x.shape, mesh, rules), tuple(x.shape))
+          for path, x in P.flatten(params).items()}
 
 
 def shardings(tree, base: dict[str, tuple[PartitionSpec, tuple]], mesh: Mesh):
@@ -98,22 +96,21 @@ def shardings(tree, base: dict[str, tuple[PartitionSpec, tuple]], mesh: Mesh):
   the base params `base` (from `param_specs`) as the module docstring says."""
 
   def one(key_path, x):
-    return NamedSharding(mesh, _inherit(key_string(key_path).split('/'), x.shape, base, mesh))
+    return NamedSharding(mesh, _inherit(P.path_str(key_path).split(P.SEP), tuple(x.shape), base))
 
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def _inherit(segments: list[str], shape, base, mesh: Mesh) -> PartitionSpec:
-  shape = tuple(shape)
+def _inherit(segments: list[str], shape: tuple, base) -> PartitionSpec:
   for i in range(len(segments)):
     for j in range(len(segments), i, -1):
-      hit = base.get('/'.join(segments[i:j]))
+      hit = base.get(P.SEP.join(segments[i:j]))
       if hit is not None:
-        return _role(segments[j:], shape, *hit, mesh)
+        return _role(segments[j:], shape, *hit)
   return PartitionSpec()
 
 
-def _role(rest: list[str], shape, spec: PartitionSpec, base_shape, mesh: Mesh):
+def _role(rest: list[str], shape: tuple, spec: PartitionSpec, base_shape: tuple):
   spec = tuple(spec) + (None,) * (len(base_shape) - len(spec))
   role = rest[-1] if rest else ''
   if shape == base_shape:
@@ -128,25 +125,3 @@ def _role(rest: list[str], shape, spec: PartitionSpec, base_shape, mesh: Mesh):
       if base_shape[axis] == shape[0]:
         return PartitionSpec(spec[axis])
   return PartitionSpec()
-
-
-def key_string(key_path) -> str:
-  """`encoder/layer_0/attention/query/kernel/a` from a JAX key path."""
-  parts = []
-  for k in key_path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
-
-
-def describe(tree_shardings) -> dict[str, str]:
-  """`{path: 'PartitionSpec(...)'}` of the sharded leaves (replicated ones left out)."""
-  out = {}
-  for key_path, s in jax.tree_util.tree_leaves_with_path(tree_shardings):
-    if any(a is not None for a in s.spec):
-      out[key_string(key_path)] = str(s.spec)
-  return out
