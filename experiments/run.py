@@ -1,4 +1,4 @@
-"""Runs one experiment, or a study of several (a config with `runs`), from a config file.
+"""Runs one experiment, or a study (a config with `pairs`: experiments.study), from a config.
 
   python -m experiments.run --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [--resume]
 """
@@ -25,7 +25,7 @@ def main(argv):
   except OSError as e:
     sys.exit(f'error: cannot load {flags.FLAGS["config"].config_filename}: '
              f'{str(e).splitlines()[-1].strip()}')
-  if 'runs' in config:
+  if 'pairs' in config:
     from experiments.study import run_study
     run_study(config, _WORKDIR.value)  # resumes by itself
     return

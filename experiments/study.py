@@ -1,10 +1,30 @@
-"""A study: several methods x seeds of one base config, then a table and a loss plot.
+"""A paired study: does a method converge faster than its baseline, each at its best lr?
 
-A study config has `base` (a run config), `runs` ({name: {method, seeds, lr}}), `report_steps`,
-`window` and `only` (comma-separated run names, or '' for all); `experiments.run` hands such a
-config here. Each run trains in `WORKDIR/NAME/seed_S` with `peftjax.train.loop.train`; a run
-with a `summary.json` is skipped and an interrupted one resumes, so a stopped study continues.
-Writes `WORKDIR/study.json`, `WORKDIR/study.md` (the table) and `WORKDIR/loss_curves.png`.
+A study config has `base` (a run config), `probe` (the head stage: `lr`, `epochs`),
+`methods` ({name: method config}), `lrs` (the sweep), `pairs` ({key: {title, method,
+baseline, seeds}}, in the order they run), `report_steps` and `only` (comma-separated pair
+keys, or '' for all); `experiments.run` hands such a config here. For each pair in turn:
+
+1. the probe (once): the task head alone on the frozen model, in `WORKDIR/probe`; every
+   other run starts from its head (`head.init`), so data-driven inits calibrate through a
+   trained head and every run starts from the probe's function;
+2. the sweep: baseline and method at every lr of `lrs`, seed 0;
+3. each one's best lr (lowest final val loss of seed 0), then seeds 1..n-1 of the baseline
+   at its best lr, of the method at its own best lr (the best-vs-best comparison) and of the
+   method at the baseline's lr (the matched comparison).
+
+Runs live in `WORKDIR/NAME/lr_LR/seed_S`; a run with a `summary.json` is skipped and an
+interrupted one resumes, so a stopped study continues. Writes `WORKDIR/study.json`,
+`WORKDIR/study.md` (sweep table, pair table, verdicts) and `WORKDIR/study.png` (one panel
+per pair: seed-mean val loss against steps, band = min..max over seeds).
+
+Paired measures (seed s of both sides sees the same batches): the val loss at
+`report_steps`, and the steps to reach a fixed val loss, the higher of the two sides'
+seed-mean final val losses (linear between evaluations; step 0 is the probe's val loss,
+which every run starts from). Differences are method - baseline with a 95% t interval over
+seeds. Verdict on "converges faster": reproduced when an interval favours the method and
+none favours the baseline, not reproduced when an interval favours the baseline and none
+the method, inconclusive otherwise.
 """
 from __future__ import annotations
 
@@ -12,119 +32,295 @@ import json
 import pathlib
 
 import numpy as np
+from scipy import stats
 
 from peftjax.io.files import atomic_write_text
 from peftjax.train.loop import train
 from peftjax.train.metrics import MetricsLog
 
 
+# ------------------------------------------------------------------------------- running
 def selected(config) -> dict:
-  runs = config.runs.to_dict()
+  pairs = config.pairs.to_dict()
   only = [n.strip() for n in config.only.split(',') if n.strip()]
-  unknown = [n for n in only if n not in runs]
+  unknown = [n for n in only if n not in pairs]
   if unknown:
-    raise ValueError(f'--config.only names unknown runs {unknown}; the study has {list(runs)}')
-  return {n: r for n, r in runs.items() if not only or n in only}
+    raise ValueError(f'--config.only names unknown pairs {unknown}; the study has {list(pairs)}')
+  for key, pair in pairs.items():
+    for side in ('method', 'baseline'):
+      if pair[side] not in config.methods:
+        raise ValueError(f'pair {key!r}: {side} {pair[side]!r} is not in methods '
+                         f'{list(config.methods)}')
+  return {k: p for k, p in pairs.items() if not only or k in only}
 
 
-def run_config(config, run: dict, seed: int):
+def run_dir(workdir, name: str, lr: float, seed: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / name / f'lr_{lr:.0e}' / f'seed_{seed}'
+
+
+def probe_config(config):
   c = config.base.copy_and_resolve_references()
   with c.unlocked():
-    c.method = run['method']
-    c.optimizer.lr = run['lr']
-    c.seed = seed
+    c.method = {'name': 'probe'}
+    c.optimizer.lr = config.probe.lr
+    c.train.epochs = config.probe.epochs
+    c.train.eval_every = 0
   return c
+
+
+def run_config(config, workdir, name: str, lr: float, seed: int):
+  c = config.base.copy_and_resolve_references()
+  with c.unlocked():
+    c.method = config.methods[name].to_dict()
+    c.optimizer.lr = lr
+    c.seed = seed
+    c.head.init = str((pathlib.Path(workdir) / 'probe' / 'adapter').absolute())
+  return c
+
+
+def _train(c, out: pathlib.Path, label: str):
+  if (out / 'summary.json').exists():
+    return
+  print(f'=== {label} ===', flush=True)
+  train(c, out, resume=(out / 'checkpoints').exists())
 
 
 def run_study(config, workdir) -> dict:
   workdir = pathlib.Path(workdir)
-  runs = selected(config)
-  total = sum(r['seeds'] for r in runs.values())
-  done = 0
-  for name, run in runs.items():
-    for seed in range(run['seeds']):
-      done += 1
-      out = workdir / name / f'seed_{seed}'
-      if (out / 'summary.json').exists():
-        continue
-      print(f'=== {name} seed {seed} ({done}/{total}) ===', flush=True)
-      train(run_config(config, run, seed), out, resume=(out / 'checkpoints').exists())
-  rows = {name: collect(workdir / name, run['seeds'], config.report_steps, config.window)
-          for name, run in runs.items()}
-  atomic_write_text(workdir / 'study.json', json.dumps(rows, indent=2))
-  table = markdown(rows, config.report_steps)
+  pairs = selected(config)
+  _train(probe_config(config), workdir / 'probe', 'probe')
+  for key, pair in pairs.items():
+    for name in (pair['baseline'], pair['method']):
+      for lr in config.lrs:
+        _train(run_config(config, workdir, name, lr, 0), run_dir(workdir, name, lr, 0),
+               f'{key}: sweep {name} lr {lr:g}')
+    for name, lr in plan(config, workdir, pair):
+      for seed in range(1, pair['seeds']):
+        _train(run_config(config, workdir, name, lr, seed), run_dir(workdir, name, lr, seed),
+               f'{key}: {name} lr {lr:g} seed {seed}')
+  return report(config, workdir)
+
+
+def best_lr(config, workdir, name: str) -> float:
+  """The sweep's lr with the lowest final val loss (seed 0)."""
+  return min(config.lrs, key=lambda lr: curve(run_dir(workdir, name, lr, 0))['val_loss'][-1])
+
+
+def plan(config, workdir, pair) -> list[tuple[str, float]]:
+  """(name, lr) of the pair's multi-seed runs, in order: the baseline at its best lr, the
+  method at its own best lr, and the method at the baseline's lr where that differs."""
+  lb, lm = best_lr(config, workdir, pair['baseline']), best_lr(config, workdir, pair['method'])
+  return [(pair['baseline'], lb), (pair['method'], lm)] + (
+      [(pair['method'], lb)] if lm != lb else [])
+
+
+# ------------------------------------------------------------------------------- measuring
+def curve(folder: pathlib.Path) -> dict:
+  """A finished run's val loss per evaluation, test accuracy and train steps/s."""
+  records = MetricsLog(folder / 'metrics.jsonl').read()
+  summary = json.loads((folder / 'summary.json').read_text())
+  val = sorted((r for r in records if r['kind'] == 'val'), key=lambda r: r['step'])
+  return {'steps': [r['step'] for r in val], 'val_loss': [r['loss'] for r in val],
+          'val_accuracy': [r['accuracy'] for r in val],
+          'test_accuracy': summary['test_accuracy'],
+          'steps_per_sec': summary['train_steps_per_sec']}
+
+
+def loss_at(c: dict, step: int) -> float:
+  if step not in c['steps']:
+    raise ValueError(f'no evaluation at step {step}; evaluations at {c["steps"]}')
+  return c['val_loss'][c['steps'].index(step)]
+
+
+def steps_to(c: dict, target: float, start_loss: float) -> float:
+  """First step at which the val loss reaches `target` (linear between evaluations, from
+  `start_loss` at step 0); inf if it never does."""
+  steps, losses = [0, *c['steps']], [start_loss, *c['val_loss']]
+  for i in range(1, len(steps)):
+    if losses[i] <= target:
+      if losses[i - 1] <= target:
+        return float(steps[i - 1])
+      frac = (losses[i - 1] - target) / (losses[i - 1] - losses[i])
+      return steps[i - 1] + frac * (steps[i] - steps[i - 1])
+  return float('inf')
+
+
+def paired(diffs) -> dict:
+  """Mean of paired differences with its 95% t interval (None where it is undefined)."""
+  d = np.asarray(diffs, float)
+  out = {'mean': float(d.mean()) if len(d) else None, 'ci': None, 'n': len(d)}
+  if len(d) > 1 and np.all(np.isfinite(d)):
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    out['ci'] = [float(d.mean() - half), float(d.mean() + half)]
+  return out
+
+
+def compare(method: list[dict], baseline: list[dict], report_steps, start_loss) -> dict:
+  """Paired measures of two lists of per-seed curves (the seeds both have)."""
+  n = min(len(method), len(baseline))
+  method, baseline = method[:n], baseline[:n]
+  target = max(np.mean([c['val_loss'][-1] for c in side]) for side in (method, baseline))
+  out = {'seeds': n, 'target': float(target), 'loss_at': {}}
+  for s in report_steps:
+    m, b = [loss_at(c, s) for c in method], [loss_at(c, s) for c in baseline]
+    out['loss_at'][str(s)] = {'method': m, 'baseline': b,
+                              'diff': paired(np.subtract(m, b))}
+  m = [steps_to(c, target, start_loss) for c in method]
+  b = [steps_to(c, target, start_loss) for c in baseline]
+  with np.errstate(invalid='ignore'):  # inf - inf where neither side reached the target
+    out['steps_to_target'] = {'method': m, 'baseline': b, 'diff': paired(np.subtract(m, b))}
+  out['test_accuracy'] = {'method': [c['test_accuracy'] for c in method],
+                          'baseline': [c['test_accuracy'] for c in baseline]}
+  out['verdict'] = verdict([out['steps_to_target']['diff'],
+                            *(v['diff'] for v in out['loss_at'].values())])
+  return out
+
+
+def verdict(diffs) -> str:
+  """Lower is better for every measure: a CI below 0 favours the method."""
+  cis = [d['ci'] for d in diffs if d['ci'] is not None]
+  if not cis:
+    return 'inconclusive (one seed)'
+  method = any(hi < 0 for _, hi in cis)
+  base = any(lo > 0 for lo, _ in cis)
+  if method and not base:
+    return 'reproduced'
+  if base and not method:
+    return 'not reproduced'
+  return 'inconclusive'
+
+
+# ------------------------------------------------------------------------------- reporting
+def report(config, workdir) -> dict:
+  workdir = pathlib.Path(workdir)
+  pairs = selected(config)
+  start_loss = curve(workdir / 'probe')['val_loss'][-1]
+  sweep, results = {}, {}
+  for key, pair in pairs.items():
+    for name in (pair['baseline'], pair['method']):
+      sweep.setdefault(name, {f'{lr:.0e}': curve(run_dir(workdir, name, lr, 0))
+                              for lr in config.lrs
+                              if (run_dir(workdir, name, lr, 0) / 'summary.json').exists()})
+    if any(len(sweep[n]) < len(config.lrs) for n in (pair['baseline'], pair['method'])):
+      continue  # the sweep of this pair is not finished
+    lb = best_lr(config, workdir, pair['baseline'])
+    lm = best_lr(config, workdir, pair['method'])
+
+    def seeds(name, lr):
+      return [curve(run_dir(workdir, name, lr, s)) for s in range(pair['seeds'])
+              if (run_dir(workdir, name, lr, s) / 'summary.json').exists()]
+
+    results[key] = {
+        **pair, 'baseline_lr': lb, 'method_lr': lm,
+        'curves': {'baseline': seeds(pair['baseline'], lb), 'matched': seeds(pair['method'], lb),
+                   'best': seeds(pair['method'], lm)},
+    }
+    r = results[key]
+    r['matched'] = compare(r['curves']['matched'], r['curves']['baseline'],
+                           config.report_steps, start_loss)
+    r['best'] = compare(r['curves']['best'], r['curves']['baseline'], config.report_steps,
+                        start_loss)
+  out = {'probe_val_loss': start_loss, 'sweep': sweep, 'pairs': results}
+  atomic_write_text(workdir / 'study.json', json.dumps(out, indent=1))
+  table = markdown(config, out)
   atomic_write_text(workdir / 'study.md', table + '\n')
-  plot(rows, workdir / 'loss_curves.png', config.window)
+  if results:
+    plot(results, workdir / 'study.png', start_loss)
   print(table)
-  return rows
+  return out
 
 
-def collect(folder: pathlib.Path, seeds: int, report_steps, window: int) -> dict:
-  """Per-seed summaries and losses of one run: loss at a step is the mean train loss of the
-  `window` steps up to it."""
-  summaries, curves = [], []
-  for seed in range(seeds):
-    summaries.append(json.loads((folder / f'seed_{seed}' / 'summary.json').read_text()))
-    train_records = [r for r in MetricsLog(folder / f'seed_{seed}' / 'metrics.jsonl').read()
-                     if r['kind'] == 'train']
-    curves.append([r['loss'] for r in sorted(train_records, key=lambda r: r['step'])])
-  n = min(map(len, curves))
-  curves = np.array([c[:n] for c in curves])
-  loss_at = {str(s): [float(c[s - window:s].mean()) for c in curves] for s in report_steps
-             if s <= n}
-  return {
-      'method': summaries[0]['method'],
-      'seeds': seeds,
-      'trainable_params': summaries[0]['trainable_params'],
-      'test_accuracy': [s['test_accuracy'] for s in summaries],
-      'loss_at': loss_at,
-      'steps_per_sec': [s['train_steps_per_sec'] for s in summaries],
-      'mean_curve': curves.mean(axis=0).tolist(),
-  }
+def _ci(d: dict, fmt='{:+.4f}') -> str:
+  if d['mean'] is None:
+    return ''
+  if not np.isfinite(d['mean']):
+    return 'never reached' if d['n'] == 1 else 'not reached in every seed'
+  ci = '' if d['ci'] is None else f" [{fmt.format(d['ci'][0])}, {fmt.format(d['ci'][1])}]"
+  return fmt.format(d['mean']) + ci
 
 
-def _mean_sd(values, fmt='{:.4f}') -> str:
-  if len(values) == 1:
-    return fmt.format(values[0])
-  return f'{fmt.format(np.mean(values))} ± {fmt.format(np.std(values, ddof=1))}'
+def _mean(values, fmt='{:.4f}') -> str:
+  values = np.asarray(values, float)
+  if not np.all(np.isfinite(values)):
+    return f'{fmt.format(np.mean(values[np.isfinite(values)]))} ({np.sum(~np.isfinite(values))} never)' \
+        if np.any(np.isfinite(values)) else 'never'
+  return fmt.format(values.mean()) + (f' ± {fmt.format(values.std(ddof=1))}'
+                                      if len(values) > 1 else '')
 
 
-def markdown(rows: dict, report_steps) -> str:
-  ref = rows.get('lora')
-  head = ['run', 'seeds', 'trainable params', 'test accuracy',
-          *[f'loss @{s}' for s in report_steps], 'Δ loss @%d vs LoRA' % report_steps[-1],
-          'steps/s', '÷ LoRA steps/s']
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  for name, r in rows.items():
-    last = str(report_steps[-1])
-    delta = (f"{np.mean(r['loss_at'][last]) - np.mean(ref['loss_at'][last]):+.4f}"
-             if ref and last in r['loss_at'] and last in ref['loss_at'] else '')
-    speed = np.median(r['steps_per_sec'])
-    ratio = f"{speed / np.median(ref['steps_per_sec']):.2f}" if ref else ''
-    lines.append('| ' + ' | '.join([
-        name, str(r['seeds']), f"{r['trainable_params']:,}", _mean_sd(r['test_accuracy']),
-        *[_mean_sd(r['loss_at'][str(s)]) if str(s) in r['loss_at'] else '' for s in report_steps],
-        delta, f'{speed:.2f}', ratio]) + ' |')
+def markdown(config, out: dict) -> str:
+  lrs = [f'{lr:.0e}' for lr in config.lrs]
+  lines = ['Sweep (seed 0): final val loss / val accuracy; **bold** = best lr', '',
+           '| run | ' + ' | '.join(f'lr {lr}' for lr in lrs) + ' |',
+           '|---|' + '---|' * len(lrs)]
+  for name, runs in out['sweep'].items():
+    finals = {lr: c['val_loss'][-1] for lr, c in runs.items()}
+    best = min(finals, key=finals.get) if len(finals) == len(lrs) else None
+    cells = []
+    for lr in lrs:
+      if lr not in runs:
+        cells.append('')
+        continue
+      cell = f"{runs[lr]['val_loss'][-1]:.4f} / {runs[lr]['val_accuracy'][-1]:.4f}"
+      cells.append(f'**{cell}**' if lr == best else cell)
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  steps = [str(s) for s in config.report_steps]
+  lines += ['', f"Pairs (val loss starts at the probe's {out['probe_val_loss']:.4f}); "
+            'Δ = method − baseline, mean [95% CI] over paired seeds', '',
+            '| pair | comparison | lr (method / baseline) | seeds | '
+            + ' | '.join(f'val loss @{s} (method / baseline)' for s in steps)
+            + ' | ' + ' | '.join(f'Δ @{s}' for s in steps)
+            + ' | target | steps to target (method / baseline) | Δ steps | '
+            'test acc (method / baseline) | verdict |',
+            '|' + '---|' * (8 + 2 * len(steps))]
+  for key, r in out['pairs'].items():
+    for kind, lr in (('matched', r['baseline_lr']), ('best', r['method_lr'])):
+      if kind == 'best' and r['method_lr'] == r['baseline_lr']:
+        continue
+      c = r[kind]
+      la = c['loss_at']
+      lines.append('| ' + ' | '.join([
+          r['title'], 'matched lr' if kind == 'matched' else 'each at its best lr',
+          f"{lr:.0e} / {r['baseline_lr']:.0e}", str(c['seeds']),
+          *[f"{_mean(la[s]['method'])} / {_mean(la[s]['baseline'])}" for s in steps],
+          *[_ci(la[s]['diff']) for s in steps],
+          f"{c['target']:.4f}",
+          f"{_mean(c['steps_to_target']['method'], '{:.0f}')} / "
+          f"{_mean(c['steps_to_target']['baseline'], '{:.0f}')}",
+          _ci(c['steps_to_target']['diff'], '{:+.0f}'),
+          f"{_mean(c['test_accuracy']['method'])} / {_mean(c['test_accuracy']['baseline'])}",
+          c['verdict']]) + ' |')
   return '\n'.join(lines)
 
 
-def plot(rows: dict, path, window: int):
-  """Seed-mean train loss per run, as a moving average over `window` steps."""
+def plot(results: dict, path, start_loss: float):
+  """One panel per pair: seed-mean val loss against steps, band = min..max over seeds."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(9, 5.5))
-  ax.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20)))
-  for name, r in rows.items():
-    curve = np.asarray(r['mean_curve'])
-    if len(curve) < window:
-      continue
-    smooth = np.convolve(curve, np.ones(window) / window, 'valid')
-    ax.plot(np.arange(window, len(curve) + 1), smooth, lw=2.2 if r['seeds'] > 1 else 1.0,
-            label=f"{name} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})")
-  ax.set(xlabel='step', ylabel=f'train loss (mean of seeds, moving average of {window})')
-  ax.legend(fontsize=8, ncol=2)
+  cols = min(3, len(results))
+  rows = -(-len(results) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+  for ax, (key, r) in zip(axes.flat, results.items()):
+    sides = [('baseline', f"{r['baseline']} (lr {r['baseline_lr']:.0e})", 'tab:gray', '-'),
+             ('matched', f"{r['method']} (lr {r['baseline_lr']:.0e})", 'tab:blue', '-')]
+    if r['method_lr'] != r['baseline_lr']:
+      sides.append(('best', f"{r['method']} (lr {r['method_lr']:.0e}, its best)", 'tab:orange',
+                    '--'))
+    for kind, label, color, style in sides:
+      curves = r['curves'][kind]
+      if not curves:
+        continue
+      steps = np.array([0, *curves[0]['steps']])
+      losses = np.array([[start_loss, *c['val_loss']] for c in curves])
+      ax.plot(steps, losses.mean(0), style, color=color,
+              label=f'{label}, {len(curves)} seed{"s" * (len(curves) > 1)}')
+      ax.fill_between(steps, losses.min(0), losses.max(0), color=color, alpha=0.2)
+    ax.set(title=r['title'], xlabel='step', ylabel='val loss')
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(results):]:
+    ax.axis('off')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

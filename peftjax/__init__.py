@@ -1,6 +1,6 @@
 """peftjax: parameter-efficient fine-tuning as pure functions over Flax param trees."""
 from peftjax.core.adapter import (Adapter, chain, combine, merge, num_params, partition,
-                                  regularizer, summary, unmerge)
+                                  regularizer, summary, transform, unmerge)
 from peftjax.core.leaves import LowRank, materialize
 from peftjax.core.paths import PatternError, flatten, select, unflatten
 from peftjax.core.calib import Calibration

@@ -168,3 +168,28 @@ def test_batches_on_movie(movie, tokenizer):
   out = list(vader.batches(tokens, movie['val'].labels, 32, seed=0))
   assert len(out) == 33 and sum(b['weights'].sum() for b in out) == 1056
   assert {b['input_ids'].shape[1] for b in out} <= {16, 32, 48, 64}
+
+
+def test_batches_grouped_by_length():
+  tokens, labels = _toy(n=203)
+  tokens = [np.concatenate([[i], t]).astype(np.int32) for i, t in enumerate(tokens)]
+  epoch = lambda e, start=0, **kw: list(vader.batches(tokens, labels, 10, seed=3, epoch=e,
+                                                      start=start, bucket=1, **kw))
+  grouped, plain = epoch(0, group_by_length=4), epoch(0)
+  assert sorted(_seen(grouped)) == list(range(203)) and len(grouped) == 21
+  assert _seen(grouped) != _seen(epoch(1, group_by_length=4))  # reshuffled every epoch
+  # Each batch holds rows of similar length: far less padding than random batches.
+  pad = lambda bs: sum(b['input_ids'].size - b['attention_mask'].sum() for b in bs)
+  assert pad(grouped) < 0.5 * pad(plain)
+  # Groups of 4 batches come from consecutive slices of the epoch's permutation.
+  perm = list(np.random.default_rng([3, 0]).permutation(203))
+  groups = [set(perm[i:i + 40]) for i in range(0, 203, 40)]
+  for b in grouped[:-1]:
+    assert any(set(b['input_ids'][:, 0]) <= g for g in groups)
+  assert grouped[-1]['weights'].sum() == 3  # the partial batch stays last
+  for a, b in zip(grouped[5:], epoch(0, start=5, group_by_length=4)):  # resumes exactly
+    np.testing.assert_array_equal(a['input_ids'], b['input_ids'])
+  # Without a seed (evaluation) the rows come sorted by length.
+  ordered = list(vader.batches(tokens, labels, 10, group_by_length=1))
+  lengths = [len(tokens[i]) for i in _seen(ordered)]
+  assert sorted(_seen(ordered)) == list(range(203)) and lengths == sorted(lengths)

@@ -14,7 +14,7 @@ import safetensors.numpy
 import peftjax as pj
 from peftjax.core import paths as P
 from peftjax.io import adapter_file
-from peftjax.io.adapter_file import AdapterFileError, load_adapter, save_adapter
+from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head, save_adapter
 from peftjax.models.bert import Bert, BertConfig
 
 
@@ -272,3 +272,17 @@ def test_a_config_naming_an_unknown_method_or_argument_is_a_clear_error(tmp_path
   (tmp_path / 'out' / adapter_file.CONFIG_FILE).write_text(json.dumps(config))
   with pytest.raises(AdapterFileError, match='cannot rebuild the method'):
     load_adapter(tmp_path / 'out', params(0))
+
+
+def test_a_saved_head_loads_only_into_its_shapes(tmp_path):
+  p = params(0)
+  adapter = pj.lora('kernel', rank=2)
+  frozen, state = adapter.init(jax.random.key(0), p)
+  save_adapter(tmp_path / 'a', adapter, frozen, state, head=head(1))
+  loaded = load_head(tmp_path / 'a', head(2))
+  jax.tree.map(np.testing.assert_array_equal, loaded, head(1))
+  with pytest.raises(AdapterFileError, match='does not fit this task: expected'):
+    load_head(tmp_path / 'a', {'kernel': jnp.zeros((12, 4)), 'bias': jnp.zeros(4)})
+  save_adapter(tmp_path / 'b', adapter, frozen, state)
+  with pytest.raises(AdapterFileError, match='found no head'):
+    load_head(tmp_path / 'b', head(2))

@@ -176,23 +176,55 @@ def test_eva_rank_allocation_caps_at_rho_and_drops_unneeded_layers():
                                                               'flat/kernel': 1}
 
 
-def test_lora_ga_factors_are_gradient_singular_vectors_with_the_stable_scale():
+def test_eva_whitening_and_adjusted_scaling_against_numpy():
+  """whiten: A = V_r diag(s_r)^-1/2 (the input's top right-singular vectors over the square
+  roots of their singular values); adjust_scaling_factors: scale alpha / rank on every layer,
+  whatever rank it was allotted."""
+  params, cal, _, inputs = spectra_setup()
+  adapter = eva(['low', 'flat'], rank=4, rho=2.0, alpha=8.0, whiten=True,
+                adjust_scaling_factors=True)
+  frozen, initial = adapter.init(jax.random.key(0), params, calib=cal)
+  assert {p: ab['a'].shape[1] for p, ab in initial.items()} == {'low/kernel': 6,
+                                                                'flat/kernel': 2}
+  state = randomize(initial, 5)  # B != 0, so that the merge shows the scale
+  merged = P.flatten(pj.merge(adapter, frozen, state))
+  for path, ab in state.items():
+    x = inputs[path].astype(np.float32).astype(np.float64)
+    _, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    r = ab['a'].shape[1]
+    a = np.asarray(initial[path]['a'], np.float64)
+    np.testing.assert_allclose(a.T @ a, np.diag(1 / s[:r]), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(np.abs(vt[:r] @ a), np.diag(s[:r] ** -0.5), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(merged[path] - P.flatten(params)[path],
+                               (8.0 / 4) * np.asarray(ab['a']) @ np.asarray(ab['b']),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('direction', [None, 'A2rBr'])
+def test_lora_ga_factors_are_gradient_singular_vectors_with_the_stable_scale(direction):
+  """Torch layout G (out, in) = U S V^T: 'ArB2r' (the default) is A = V[:, :r]^T, B = U[:, r:2r];
+  'A2rBr' is A = V[:, r:2r]^T, B = U[:, :r]. Here A = A_torch^T, B = B_torch^T."""
   params, _, cal = setup(0)
-  adapter = lora_ga(TARGETS, rank=3, alpha=6.0, stable_gamma=4.0)
+  kwargs = {} if direction is None else {'direction': direction}
+  adapter = lora_ga(TARGETS, rank=3, alpha=6.0, stable_gamma=4.0, **kwargs)
   frozen, state = adapter.init(jax.random.key(0), params, calib=cal)
   grads = dict(cal.iter_gradients(list(state)))
   for path, ab in state.items():
-    grad = np.asarray(grads[path], np.float64)
-    u, _, vt = np.linalg.svd(grad, full_matrices=False)  # Flax layout: grad (in, out)
-    c = grad.shape[1] ** 0.25 / math.sqrt(4.0)
+    g_torch = np.asarray(grads[path], np.float64).T  # (out, in), the paper's layout
+    u, _, vt = np.linalg.svd(g_torch, full_matrices=False)
+    v = vt.T
+    a_rows, b_cols = (v[:, 3:6], u[:, :3]) if direction == 'A2rBr' else (v[:, :3], u[:, 3:6])
+    c = g_torch.shape[0] ** 0.25 / math.sqrt(4.0)  # d_out^(1/4) / sqrt(stable_gamma)
     a, b = np.asarray(ab['a']) / c, np.asarray(ab['b']) / c
-    np.testing.assert_allclose(np.abs(u[:, 3:6].T @ a), np.eye(3), atol=1e-3)
-    np.testing.assert_allclose(np.abs(vt[:3] @ b.T), np.eye(3), atol=1e-3)
+    np.testing.assert_allclose(np.abs(a_rows.T @ a), np.eye(3), atol=1e-3)
+    np.testing.assert_allclose(np.abs(b_cols.T @ b.T), np.eye(3), atol=1e-3)
     np.testing.assert_allclose(
         P.flatten(pj.materialize(frozen))[path],
         P.flatten(params)[path] - 2.0 * np.asarray(ab['a']) @ np.asarray(ab['b']), atol=1e-6)
   with pytest.raises(ValueError, match='2 \\* rank'):
     lora_ga(TARGETS, rank=17).init(jax.random.key(0), params, calib=cal)
+  with pytest.raises(ValueError, match="direction must be one of .*'ArBr'"):
+    lora_ga(TARGETS, direction='ArBr')
 
 
 def test_trainable_counts_follow_the_formulas():

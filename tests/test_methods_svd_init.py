@@ -7,7 +7,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+import scipy.linalg
 
 import peftjax as pj
 from peftjax.core import linalg
@@ -128,29 +130,92 @@ def test_bert_outputs_are_unchanged_at_init():
     assert float(jnp.abs(moved - base).max()) > 1e-3, adapter.config['method']
 
 
-def test_sorsa_regularizer_is_zero_at_init_and_has_the_right_gradient():
-  adapter, p, frozen, state = initialised('sorsa', 0)
-  assert float(pj.regularizer(adapter, state)) < 1e-9
+def calc_ortho_reference(state):
+  """numpy transcription of the official `calc_ortho` (sorsalib/src/sorsa/layer.py) and its
+  gradient, in the reference's torch layout: sorsa_A (r, in) = U_p^T, sorsa_B (out, r) = V_p.
+  Per matrix ||M||_F with M = A A^T - I (or B^T B - I), whose gradient is 2 M A / ||M||_F
+  (or 2 B M / ||M||_F); the loss is the mean over all A and B."""
+  terms, grads = [], {}
   for path, st in state.items():
+    a = np.asarray(st['u'], np.float64).T
+    b = np.asarray(st['vt'], np.float64).T
+    ma, mb = a @ a.T - np.eye(len(a)), b.T @ b - np.eye(b.shape[1])
+    na, nb = np.linalg.norm(ma, 'fro'), np.linalg.norm(mb, 'fro')
+    terms += [na, nb]
+    grads[path] = {'u': (2 * ma @ a / na).T, 'vt': (2 * b @ mb / nb).T}
+  den = len(terms)
+  return sum(terms) / den, jax.tree.map(lambda g: g / den, grads)
+
+
+def test_sorsa_regularizer_is_the_official_calc_ortho_with_its_gradient():
+  _, _, _, state = initialised('sorsa', 0)
+  for st in state.values():
     np.testing.assert_allclose(st['u'].T @ st['u'], np.eye(st['s'].shape[0]), atol=1e-5)
     np.testing.assert_allclose(st['vt'] @ st['vt'].T, np.eye(st['s'].shape[0]), atol=1e-5)
     assert np.all(np.diff(np.asarray(st['s'])) <= 0)
+  exact = {p: {'u': jnp.eye(5)[:, :2], 's': jnp.ones(2), 'vt': jnp.eye(3)[:2]} for p in 'xy'}
+  value, grads = jax.value_and_grad(S.orthonormality)(exact)  # 0, and no NaN at 0 (as torch)
+  assert float(value) == 0.0 and all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
   moved = perturb(state, 5, 0.1)
-  value, grads = jax.jit(jax.value_and_grad(adapter.loss))(moved)
-  expected = 0.0
-  for path, st in moved.items():
-    u, vt = st['u'], st['vt']
-    eye = jnp.eye(u.shape[1])
-    expected += jnp.sum((u.T @ u - eye) ** 2) + jnp.sum((vt @ vt.T - eye) ** 2)
-    np.testing.assert_allclose(grads[path]['u'], 0.1 * 4 * u @ (u.T @ u - eye), atol=1e-5)
-    np.testing.assert_allclose(grads[path]['vt'], 0.1 * 4 * (vt @ vt.T - eye) @ vt, atol=1e-5)
+  value, grads = jax.jit(jax.value_and_grad(S.orthonormality))(moved)
+  want, want_grads = calc_ortho_reference(moved)
+  assert want > 1e-2
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  for path in moved:
+    np.testing.assert_allclose(grads[path]['u'], want_grads[path]['u'], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads[path]['vt'], want_grads[path]['vt'], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(grads[path]['s'], 0)
-  assert float(value) > 1e-3
-  np.testing.assert_allclose(value, 0.1 * expected, rtol=1e-5)
-  # the regulariser goes through chains too
+
+
+def test_sorsa_update_adds_gamma_over_lr_times_the_regularizer_gradient_after_clipping(
+    optimizer_input):
+  """The official trainer: clip the task gradient, add (gamma / lr) grad R, then the optimiser;
+  with SGD at lr that is the paper's W <- W - lr grad L - gamma grad R."""
+  adapter, _, _, state = initialised('sorsa', 0)
+  moved = perturb(state, 5, 0.1)
+  _, reg = calc_ortho_reference(moved)
+  lr, gamma = 1e-2, adapter.config['gamma']
+  # Only the regulariser: one SGD step moves the factors by exactly -gamma grad R.
+  sgd = optax.chain(pj.transform(adapter, lr), optax.sgd(lr))
+  zero = jax.tree.map(jnp.zeros_like, moved)
+  step, _ = sgd.update(zero, sgd.init(moved), moved)
+  for path in moved:
+    for k in ('u', 'vt'):
+      np.testing.assert_allclose(step[path][k], -gamma * reg[path][k], rtol=1e-4, atol=1e-8)
+  # In the trainer's optimiser: the task gradient (adapter and head) is clipped first.
+  task = {'adapter': perturb(zero, 6, 1.0), 'head': {'kernel': jnp.full((3, 2), 4.0)}}
+  trainable = {'adapter': moved, 'head': {'kernel': jnp.zeros((3, 2))}}
+  norm = float(optax.tree.norm(task))
+  got = optimizer_input(adapter, task, trainable, lr=lr, clip_norm=1.0)
+  np.testing.assert_allclose(got['head']['kernel'], task['head']['kernel'] / norm, rtol=1e-4)
+  for path in moved:
+    for k in ('u', 'vt'):
+      np.testing.assert_allclose(got['adapter'][path][k],
+                                 task['adapter'][path][k] / norm + gamma / lr * reg[path][k],
+                                 rtol=1e-3, atol=1e-6)
+  # update='loss': gamma * R joins the training loss instead, and there is no transform.
+  as_loss = S.sorsa('kernel', rank=4, gamma=0.1, update='loss', rank_pattern={'out': 2})
+  assert as_loss.tx is None
+  np.testing.assert_allclose(pj.regularizer(as_loss, moved), 0.1 * calc_ortho_reference(moved)[0],
+                             rtol=1e-5)
+  assert adapter.loss is None and float(pj.regularizer(adapter, moved)) == 0.0
+  with pytest.raises(ValueError, match="sorsa update must be one of .*got 'adam'"):
+    S.sorsa('kernel', update='adam')
+
+
+def test_sorsa_transform_goes_through_chains(optimizer_input):
+  adapter, p, _, state = initialised('sorsa', 0)
   chained = pj.chain(adapter, pj.lora('layer_0/query/kernel', rank=2))
-  c_frozen, c_state = chained.init(jax.random.key(0), p)
-  np.testing.assert_allclose(chained.loss((moved, c_state[1])), value, rtol=1e-6)
+  _, c_state = chained.init(jax.random.key(0), p)
+  moved = (perturb(state, 5, 0.1), c_state[1])
+  zero = jax.tree.map(jnp.zeros_like, moved)
+  got = optimizer_input(chained, {'adapter': zero, 'head': {}}, {'adapter': moved, 'head': {}})
+  _, reg = calc_ortho_reference(moved[0])
+  for path in reg:
+    np.testing.assert_allclose(got['adapter'][0][path]['u'],
+                               adapter.config['gamma'] / 1e-2 * reg[path]['u'], rtol=1e-3,
+                               atol=1e-6)
+  jax.tree.map(lambda g: np.testing.assert_array_equal(g, 0), got['adapter'][1])
 
 
 def _fit_step(adapter, frozen, state, seed):
@@ -164,6 +229,107 @@ def _fit_step(adapter, frozen, state, seed):
   return jax.grad(loss)(state)
 
 
+def spectral(seed, shape, decay=0.7):
+  """U diag(8 decay^k) V^T with random orthonormal U, V: well-separated singular values."""
+  rng, k = np.random.default_rng(seed), min(shape)
+  u = np.linalg.qr(rng.standard_normal((shape[0], k)))[0]
+  v = np.linalg.qr(rng.standard_normal((shape[1], k)))[0]
+  return (u * 8.0 * decay ** np.arange(k)) @ v.T
+
+
+FRESH = {'separated_tall': lambda: spectral(20, (12, 8)),
+         'separated_wide': lambda: spectral(21, (8, 12)),
+         'gaussian': lambda: np.random.default_rng(22).standard_normal((10, 7))}
+
+
+def fresh(kind):
+  """A fresh (float32) weight in a one-kernel tree, and the same weight in float64."""
+  w = jnp.asarray(FRESH[kind](), jnp.float32)
+  return {'layer': {'kernel': w}}, np.asarray(w, np.float64)
+
+
+def np_svd(w):
+  return np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+
+
+def singular_values(w):
+  return np.linalg.svd(np.asarray(materialize(w), np.float64), compute_uv=False)
+
+
+@pytest.mark.parametrize('kind', list(FRESH))
+@pytest.mark.parametrize('alpha', [None, 12.0])
+@pytest.mark.parametrize('name', ['pissa', 'milora', 'soma'])
+def test_principal_factors_and_residual_match_numpy_svd(name, alpha, kind):
+  """PiSSA takes the r largest singular triplets, MiLoRA / SoMA the r smallest: the residual
+  keeps the others, A^T A = B B^T = diag(those r singular values) / scale."""
+  r, minor = 3, name != 'pissa'
+  scale = 1.0 if alpha is None else alpha / r  # 4 with alpha 12: the scale matters
+  p, w = fresh(kind)
+  adapter = getattr(pj, name)('kernel', rank=r, alpha=alpha)
+  frozen, state = adapter.init(jax.random.key(0), p)
+  u, s, vt = np_svd(w)
+  k = len(s)
+  sel = slice(k - r, k) if minor else slice(0, r)
+  kept = s[:k - r] if minor else s[r:]
+  atol = 2e-5 * s[0]
+  np.testing.assert_allclose(singular_values(frozen['layer']['kernel']),
+                             np.concatenate([kept, np.zeros(r)]), atol=atol)
+  a, b = (np.asarray(state['layer/kernel'][x], np.float64) for x in 'ab')
+  assert a.shape == (w.shape[0], r) and b.shape == (r, w.shape[1])
+  for gram in (a.T @ a, b @ b.T):
+    np.testing.assert_allclose(gram, np.diag(np.diag(gram)), atol=atol)
+    np.testing.assert_allclose(np.sort(np.diag(gram)), np.sort(s[sel] / scale), atol=atol)
+  np.testing.assert_allclose(np.diag(a.T @ a), np.diag(b @ b.T), atol=atol)  # S^1/2 on each
+  np.testing.assert_allclose(scale * a @ b, (u[:, sel] * s[sel]) @ vt[sel], atol=5 * atol)
+  assert adapter.apply(frozen, state)['layer']['kernel'].scale == scale
+
+
+def check_svfit_against_numpy(w, fixed, values, r):
+  """SVFit's trainable values are the top-r singular values of W; the fixed factors span (with
+  paired signs) the top-r singular subspaces; the residual holds the rest of the spectrum."""
+  u, s, vt = np_svd(w)
+  atol = 2e-5 * s[0]
+  np.testing.assert_allclose(values, s[:r], atol=atol)
+  a, b = np.asarray(fixed.a, np.float64), np.asarray(fixed.b, np.float64)
+  assert a.shape == (w.shape[0], r) and b.shape == (r, w.shape[1])
+  np.testing.assert_allclose(a @ a.T, u[:, :r] @ u[:, :r].T, atol=1e-4)  # sign-invariant
+  np.testing.assert_allclose(b.T @ b, vt[:r].T @ vt[:r], atol=1e-4)
+  np.testing.assert_allclose((a * np.asarray(values)) @ b, (u[:, :r] * s[:r]) @ vt[:r],
+                             atol=5 * atol)
+  np.testing.assert_allclose(singular_values(fixed),
+                             np.concatenate([s[r:], np.zeros(r)]), atol=atol)
+
+
+def check_loldu_against_scipy(w, fixed, st, r, scale):
+  """scipy's W^T = P L U with U = diag(D) U1: LoLDU's fixed factors are U1[:r]^T and
+  (P L[:, :r])^T, its diagonal D[:r], its residual W - scale U1_r^T diag(D_r) (P L_r)^T."""
+  wt = np.asarray(w, np.float64).T  # the (out, in) weight, as in the paper
+  perm, l, u = scipy.linalg.lu(wt)
+  d = np.diag(u)
+  unit_u = u / d[:, None]
+  np.testing.assert_allclose(perm @ l @ np.diag(d) @ unit_u, wt, atol=1e-10)
+  np.testing.assert_allclose(np.diag(l), 1.0)
+  np.testing.assert_allclose(np.asarray(st['d'], np.float64), d[:r], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(float(st['scale']), scale, rtol=1e-6)
+  a, b = np.asarray(fixed.a, np.float64), np.asarray(fixed.b, np.float64)
+  np.testing.assert_allclose(a, unit_u[:r].T, atol=1e-4)
+  np.testing.assert_allclose(b, (perm @ l[:, :r]).T, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(materialize(fixed), np.float64),
+      np.asarray(w, np.float64) - scale * (unit_u[:r].T * d[:r]) @ (perm @ l[:, :r]).T,
+      atol=1e-4)
+
+
+@pytest.mark.parametrize('kind', list(FRESH))
+def test_svfit_and_loldu_fixed_factors_match_numpy_and_scipy(kind):
+  p, w = fresh(kind)
+  frozen, state = pj.svfit('kernel', rank=3).init(jax.random.key(0), p)
+  check_svfit_against_numpy(w, frozen['layer']['kernel'], state['layer/kernel']['s'], 3)
+  for kwargs, scale in (({'alpha': None}, 1.0), ({'alpha': 6.0}, 2.0), ({}, 1 / 3)):
+    frozen, state = pj.loldu('kernel', rank=3, **kwargs).init(jax.random.key(0), p)
+    check_loldu_against_scipy(w, frozen['layer']['kernel'], state['layer/kernel'], 3, scale)
+
+
 def test_svfit_trains_only_the_top_singular_values():
   adapter, p, frozen, state = initialised('svfit', 3)
   flat_p, flat_f = P.flatten(p), P.flatten(frozen)
@@ -171,10 +337,7 @@ def test_svfit_trains_only_the_top_singular_values():
     assert list(st) == ['s'] and st['s'].shape == (5,)
     fixed = flat_f[path]
     assert isinstance(fixed, LowRank) and fixed.scale == 0.0  # residual with its fixed factors
-    u, s, vt = linalg.svd_top(flat_p[path], 5)
-    np.testing.assert_allclose(st['s'], s, rtol=1e-5)
-    np.testing.assert_allclose(fixed.a, u, atol=1e-5)
-    np.testing.assert_allclose(fixed.b, vt, atol=1e-5)
+    check_svfit_against_numpy(flat_p[path], fixed, st['s'], 5)
   grads = _fit_step(adapter, frozen, state, 3)
   assert jax.tree.structure(grads) == jax.tree.structure(state)
   assert all(float(jnp.abs(g['s']).min()) > 0 for g in grads.values())
@@ -193,7 +356,10 @@ def test_svfit_trains_only_the_top_singular_values():
   # rank=None keeps, per target, the smallest rank holding `energy` of the spectrum
   frozen, state = S.svfit('kernel', None, energy=0.8).init(jax.random.key(0), p)
   for path, st in state.items():
-    assert st['s'].shape[0] == linalg.energy_rank(linalg.svd(flat_p[path])[1], 0.8)
+    energy = np.cumsum(np.linalg.svd(np.asarray(flat_p[path], np.float64), compute_uv=False) ** 2)
+    r = st['s'].shape[0]
+    assert energy[r - 1] >= 0.8 * energy[-1] > energy[r - 2]  # the smallest such rank
+    check_svfit_against_numpy(flat_p[path], P.flatten(frozen)[path], st['s'], r)
 
 
 def test_loldu_trains_a_diagonal_and_a_scale_over_ldu_factors():
@@ -203,12 +369,8 @@ def test_loldu_trains_a_diagonal_and_a_scale_over_ldu_factors():
     r = 3 if 'out' in path else 4
     assert sorted(st) == ['d', 'scale'] and st['d'].shape == (r,) and st['scale'].shape == ()
     np.testing.assert_allclose(st['scale'], 8.0 / r)
-    perm, l, d, u = linalg.ldu(flat_p[path].T)  # the (out, in) weight, as in the paper
-    fixed = flat_f[path]
-    np.testing.assert_allclose(st['d'], d[:r], rtol=1e-6)
-    np.testing.assert_allclose(fixed.a, u[:r].T, atol=1e-6)
-    np.testing.assert_allclose(fixed.b, (perm @ l[:, :r]).T, atol=1e-6)
-    np.testing.assert_array_equal(jnp.tril(fixed.a[:r].T, -1), 0)  # U_r is unit upper
+    check_loldu_against_scipy(flat_p[path], flat_f[path], st, r, 8.0 / r)
+    np.testing.assert_array_equal(jnp.tril(flat_f[path].a[:r].T, -1), 0)  # U_r is unit upper
   grads = _fit_step(adapter, frozen, state, 4)
   for g in grads.values():
     assert float(jnp.abs(g['d']).min()) > 0 and float(jnp.abs(g['scale'])) > 0

@@ -170,7 +170,8 @@ def test_chained_with_other_methods_it_adjusts_only_its_own_state():
   adapter = pj.chain(pj.lora('query/kernel', rank=2), lora_pro('value/kernel', rank=2))
   _, states = adapter.init(jax.random.key(0), tiny_params(0))
   states, grads = randomized(states, 1), randomized(states, 2)
-  updates, _ = adapter.tx.update(grads, adapter.tx.init(states), states)
+  tx = pj.transform(adapter, 1e-3)  # a chain's transform is built for the optimiser's lr
+  updates, _ = tx.update(grads, tx.init(states), states)
   jax.tree.map(np.testing.assert_array_equal, updates[0], grads[0])
   want = lora_pro_transform(8.0).update(grads[1], None, states[1])[0]  # 16 / 2
   jax.tree.map(np.testing.assert_array_equal, updates[1], want)
@@ -293,3 +294,23 @@ def test_save_load_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, state2, state)
   jax.tree.map(np.testing.assert_array_equal, pj.merge(loaded, frozen2, state2),
                pj.merge(adapter, frozen, state))
+
+
+def test_raw_gradients_are_clipped_before_the_adjustment(optimizer_input):
+  """As the authors' trainer: clip the raw gradients (adapter and head together), then adjust.
+  A small B makes the adjusted A gradient far larger than the raw one, so clipping after the
+  adjustment would crush the head's gradient."""
+  adapter = lora_pro('kernel', rank=2, alpha=4.0)
+  _, state = adapter.init(jax.random.key(0), tiny_params(0))
+  state = jax.tree.map(lambda x: x * 0.05, randomized(state, 1))
+  raw = {'adapter': randomized(state, 2), 'head': {'kernel': jnp.full((3, 2), 0.5)}}
+  trainable = {'adapter': state, 'head': {'kernel': jnp.zeros((3, 2))}}
+  norm, clip = float(optax.tree.norm(raw)), 0.5
+  factor = clip / norm
+  clipped = jax.tree.map(lambda g: g * factor, raw['adapter'])
+  want = adapter.tx.update(clipped, None, state)[0]
+  assert float(optax.tree.norm(want)) > 10 * float(optax.tree.norm(clipped))
+  got = optimizer_input(adapter, raw, trainable, clip_norm=clip)
+  np.testing.assert_allclose(got['head']['kernel'], raw['head']['kernel'] * factor, rtol=1e-4)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-6),
+               got['adapter'], want)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import minilm_vader_probe
+from peftjax.io.adapter_file import AdapterFileError
 from peftjax.train.checkpoint import CheckpointError
 from peftjax.train.loop import train
 from tiny_runs import adapter_tensors, tiny, train_losses
@@ -117,3 +118,25 @@ def test_max_steps_ends_training_early_with_an_evaluation(tmp_path):
   assert [s for s, _ in train_losses(tmp_path)] == list(range(1, 8))
   val = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').open() if '"val"' in l]
   assert [(r['epoch'], r['step']) for r in val] == [(1, 5), (2, 7)]  # 5 steps per epoch
+
+
+def test_eval_every_and_a_head_trained_first(tmp_path):
+  """`head.init` starts from a probe run's head (with lr 0 it is kept exactly), and
+  `train.eval_every` adds val evaluations between the epoch ends."""
+  train(tiny(minilm_vader_probe.get_config, epochs=1), tmp_path / 'probe')
+  probe_head = {k: v for k, v in adapter_tensors(tmp_path / 'probe').items()
+                if k.startswith('head/')}
+  c = tiny(eval_every=2, epochs=1)
+  c.head.init = str(tmp_path / 'probe' / 'adapter')
+  c.optimizer.lr = 0.0
+  train(c, tmp_path / 'lora')
+  for k, v in probe_head.items():
+    np.testing.assert_array_equal(adapter_tensors(tmp_path / 'lora')[k], v)
+  val = [json.loads(l) for l in (tmp_path / 'lora' / 'metrics.jsonl').open() if '"val"' in l]
+  assert [r['step'] for r in val] == [2, 4, 5] and val[0]['epoch'] == pytest.approx(0.4)
+  probe_val = [json.loads(l) for l in (tmp_path / 'probe' / 'metrics.jsonl').open()
+               if '"val"' in l]
+  assert val[-1]['loss'] == pytest.approx(probe_val[-1]['loss'], abs=1e-6)  # same function
+  c.head.init = str(tmp_path / 'nothing')
+  with pytest.raises(AdapterFileError, match='no adapter at'):
+    train(c, tmp_path / 'missing')

@@ -24,7 +24,9 @@ class Adapter(NamedTuple):
   apply: Callable[[Any, Any], Any]
   config: dict
   loss: Callable[[Any], jax.Array] | None = None
-  tx: optax.GradientTransformation | None = None
+  # An optax transform of the state's gradients, run after clipping and before the optimiser;
+  # or a function of the optimiser's peak learning rate returning one (see `transform`).
+  tx: optax.GradientTransformation | Callable[[float], optax.GradientTransformation] | None = None
   unmerge: Callable[[Any, Any], Any] | None = None
   describe: Callable[[Any, Any], dict] | None = None
 
@@ -44,6 +46,18 @@ def unmerge(adapter: Adapter, merged, state):
 def regularizer(adapter: Adapter, state) -> jax.Array:
   """The method's loss term (0 if it has none)."""
   return adapter.loss(state) if adapter.loss is not None else jnp.zeros((), jnp.float32)
+
+
+def transform(adapter: Adapter, lr: float) -> optax.GradientTransformation | None:
+  """The method's gradient transform for an optimiser whose peak learning rate is `lr`."""
+  return adapter.tx(lr) if callable(adapter.tx) else adapter.tx
+
+
+def is_entry(x, keys) -> bool:
+  """A target's state entry: a dict with exactly `keys`, none hidden by optax's masking (as
+  in the trees a transform inside `optax.multi_transform`, e.g. a chain's, receives)."""
+  return (isinstance(x, dict) and set(x) == set(keys)
+          and not any(isinstance(v, optax.MaskedNode) for v in x.values()))
 
 
 def partition(tree, patterns) -> tuple[dict[str, Any], dict]:
@@ -114,16 +128,15 @@ def chain(*adapters: Adapter) -> Adapter:
       params = adapter.apply(params, state)
     return out
 
-  txs = [a.tx for a in adapters]
-  tx = None
-  if any(t is not None for t in txs):
-    tx = optax.multi_transform(
-        {str(i): t or optax.identity() for i, t in enumerate(txs)},
+  def tx(lr):
+    return optax.multi_transform(
+        {str(i): transform(a, lr) or optax.identity() for i, a in enumerate(adapters)},
         lambda states: tuple(jax.tree.map(lambda _, i=i: str(i), s) for i, s in enumerate(states)))
   return Adapter(
       init=init, apply=apply,
       config={'method': 'chain', 'adapters': [a.config for a in adapters]},
-      loss=loss if any(a.loss for a in adapters) else None, tx=tx,
+      loss=loss if any(a.loss for a in adapters) else None,
+      tx=tx if any(a.tx is not None for a in adapters) else None,
       unmerge=unmerge_all if all(a.unmerge for a in adapters) else None,
       describe=describe)
 

@@ -125,7 +125,8 @@ def num_batches(n: int, batch_size: int) -> int:
 
 def batches(tokens: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, *,
             seed: int | None = None, epoch: int = 0, start: int = 0, bucket: int = 16,
-            pad_id: int = 0, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+            pad_id: int = 0, rows: slice = slice(None),
+            group_by_length: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of padded batches, each exactly `batch_size` rows.
 
   Yields dicts of `input_ids` and `attention_mask` (int32 [B, L]), `labels` (int32 [B]) and
@@ -136,6 +137,11 @@ def batches(tokens: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, *
   `start` batches, so a resumed epoch yields exactly the batches that remained. `rows`
   builds only those rows of each batch (a host's share in a multi-process run); L is still
   the whole batch's.
+
+  `group_by_length=k > 0` cuts padding as HF's length-grouped sampler does: the permutation
+  is cut into groups of k batches, each sorted by length, and the full batches are then
+  shuffled (the last, partial one stays last); with `seed` None the rows come sorted by
+  length (evaluation order does not matter).
   """
   n = len(tokens)
   labels = np.asarray(labels)
@@ -147,6 +153,9 @@ def batches(tokens: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, *
   if not 0 <= start <= total:
     raise ValueError(f'start={start} outside [0, {total}]')
   order = np.arange(n) if seed is None else np.random.default_rng([seed, epoch]).permutation(n)
+  if group_by_length:
+    order = _group_by_length(order, tokens, batch_size, group_by_length,
+                             None if seed is None else np.random.default_rng([seed, epoch, 1]))
   for b in range(start, total):
     real = order[b * batch_size:(b + 1) * batch_size]
     chosen = np.resize(real, batch_size)  # Repeats `real` cyclically to fill the batch.
@@ -164,3 +173,15 @@ def batches(tokens: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, *
         'labels': labels[chosen].astype(np.int32),
         'weights': weights,
     }
+
+
+def _group_by_length(order, tokens, batch_size: int, group: int, rng) -> np.ndarray:
+  length = np.array([len(t) for t in tokens])
+  if rng is None:
+    return order[np.argsort(length[order], kind='stable')]
+  size = group * batch_size
+  order = np.concatenate([chunk[np.argsort(-length[chunk], kind='stable')]
+                          for chunk in np.split(order, range(size, len(order), size))])
+  full = len(order) // batch_size
+  shuffled = order[:full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+  return np.concatenate([shuffled.ravel(), order[full * batch_size:]])

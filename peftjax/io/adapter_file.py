@@ -62,6 +62,23 @@ def read_adapter_config(directory) -> dict:
   return meta
 
 
+def load_head(directory, like) -> dict:
+  """The task head saved with the adapter in `directory`, checked against `like`'s shapes."""
+  directory = pathlib.Path(directory)
+  read_adapter_config(directory)
+  try:
+    tensors = safetensors.numpy.load_file(str(directory / WEIGHTS_FILE))
+  except Exception as e:  # safetensors raises several types for truncated/corrupt files
+    raise AdapterFileError(f'cannot read {directory / WEIGHTS_FILE}: {e}') from None
+  found = {k[len('head/'):]: v for k, v in tensors.items() if k.startswith('head/')}
+  expected = {k: tuple(v.shape) for k, v in P.flatten(like).items()}
+  got = {k: tuple(v.shape) for k, v in found.items()}
+  if got != expected:
+    raise AdapterFileError(f'the head saved in {directory} does not fit this task: expected '
+                           f'{expected}, found {got or "no head"}')
+  return P.unflatten({k: jnp.asarray(v) for k, v in found.items()})
+
+
 def load_adapter(directory, params, *, rng=None):
   """Loads an adapter for `params`: returns `(adapter, frozen, state, head, meta)`."""
   directory = pathlib.Path(directory)

@@ -135,7 +135,9 @@ def corda(targets, rank: int = 8, *, mode: str = 'kpm', alpha: float | None = No
   over the frozen residual W - scale * A @ B, so the weight at init is W.
   mode 'kpm' (knowledge-preserved) trains the r smallest components, 'ipm'
   (instruction-previewed) the r largest. Scale alpha / r (1 when alpha is None).
-  Needs `calib`'s `covariance` at every target.
+  Needs `calib`'s `covariance` at every target. Damping: HF PEFT's `corda.py` retries with
+  doubled damping until its inverse reproduces I; here the relative damping keeps C~
+  positive definite in one try (raise `damping` for a nearly singular covariance).
   """
   if mode not in CORDA_MODES:
     raise ValueError(f'corda mode must be one of {CORDA_MODES}, got {mode!r}')
@@ -198,6 +200,8 @@ def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
   layer's top r_l vectors (divided by sqrt of their singular values with `whiten`), B = 0:
   the weight at init is W. Layers allotted rank 0 get no adapter. Scale alpha / r_l, or
   alpha / rank for all with `adjust_scaling_factors`. `describe` shows each target's rank.
+  `adjust_scaling_factors` defaults to False as in the authors' code (ml-jku/EVA); HF PEFT's
+  `EvaConfig` defaults to True.
   """
   if not (isinstance(rank, int) and rank > 0):
     raise ValueError(f'eva rank must be a positive int, got {rank!r}')
@@ -245,25 +249,33 @@ def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
 
 
 # ----------------------------------------------------------------------------------- LoRA-GA
-def lora_ga(targets, rank: int = 8, alpha: float = 16.0, *, stable_gamma: float | None = 16.0,
-            rslora: bool = False, rank_pattern: dict | None = None,
-            dropout: float = 0.0) -> Adapter:
+LORA_GA_DIRECTIONS = ('ArB2r', 'A2rBr')
+
+
+def lora_ga(targets, rank: int = 8, alpha: float = 16.0, *, direction: str = 'ArB2r',
+            stable_gamma: float | None = 16.0, rslora: bool = False,
+            rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
   """LoRA-GA: "LoRA-GA: Low-Rank Adaptation with Gradient Approximation" (Wang et al., 2024).
 
-  G = dL/dW averaged over the calibration batches (`calib.gradient`). In the paper's layout
-  (G out x in = U S V^T) B_init = U[:, :r] and A_init = V[:, r:2r]^T. For a Flax kernel the
-  gradient is G^T (in, out) = V S U^T, so here A (in, r) = its left singular vectors r..2r-1
-  and B (r, out) = its right singular vectors 0..r-1 transposed. Scale stability: both are
-  multiplied by d_out^(1/4) / sqrt(stable_gamma) (the official code's "stable" scale; None
-  keeps them orthonormal). The frozen base offset W - scale * A @ B keeps the weight at init
-  equal to W. Scale alpha / r (alpha / sqrt(r) with `rslora`). Needs 2 * rank <= min(in, out).
+  G = dL/dW averaged over the calibration batches (`calib.gradient`). In the paper's torch
+  layout (G out x in = U S V^T, B out x r, A r x in), direction 'ArB2r' (the official default)
+  takes A_init = V[:, :r]^T and B_init = U[:, r:2r]; 'A2rBr' takes A_init = V[:, r:2r]^T and
+  B_init = U[:, :r]. The first step is the same either way (it spans the top 2r singular
+  directions of G); later steps differ. In the Flax layout the gradient is G^T (in, out) =
+  V S U^T, so with its SVD u, vt: 'ArB2r' is A (in, r) = u[:, :r], B (r, out) = vt[r:2r].
+  Scale stability: both are multiplied by d_out^(1/4) / sqrt(stable_gamma) (the official
+  code's "stable" scale; None keeps them orthonormal). The frozen base offset
+  W - scale * A @ B keeps the weight at init equal to W. Scale alpha / r (alpha / sqrt(r)
+  with `rslora`). Needs 2 * rank <= min(in, out).
   """
   if stable_gamma is not None and not stable_gamma > 0:
     raise ValueError(f'lora_ga stable_gamma must be > 0 or None, got {stable_gamma}')
+  if direction not in LORA_GA_DIRECTIONS:
+    raise ValueError(f'lora_ga direction must be one of {LORA_GA_DIRECTIONS}, got {direction!r}')
   check_dropout('lora_ga', dropout)
   config = dict(method='lora_ga', targets=target_list(targets), rank=rank, alpha=alpha,
-                stable_gamma=stable_gamma, rslora=rslora, rank_pattern=dict(rank_pattern or {}),
-                dropout=dropout)
+                direction=direction, stable_gamma=stable_gamma, rslora=rslora,
+                rank_pattern=dict(rank_pattern or {}), dropout=dropout)
 
   def scale(r):
     return alpha / math.sqrt(r) if rslora else alpha / r
@@ -271,7 +283,10 @@ def lora_ga(targets, rank: int = 8, alpha: float = 16.0, *, stable_gamma: float 
   def factorise(w, r, grad):
     chex.assert_shape(grad, w.shape, custom_message='lora_ga gradient')
     u, _, vt = jnp.linalg.svd(jnp.asarray(grad, jnp.float32), full_matrices=False)
-    a, b = u[:, r:2 * r], vt[:r]
+    if direction == 'ArB2r':
+      a, b = u[:, :r], vt[r:2 * r]
+    else:
+      a, b = u[:, r:2 * r], vt[:r]
     if stable_gamma is not None:
       c = w.shape[1] ** 0.25 / math.sqrt(stable_gamma)
       a, b = a * c, b * c

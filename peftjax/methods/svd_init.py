@@ -24,10 +24,11 @@ import zlib
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from peftjax.core import linalg
 from peftjax.core import paths as P
-from peftjax.core.adapter import Adapter
+from peftjax.core.adapter import Adapter, is_entry
 from peftjax.core.leaves import LowRank, materialize
 from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
 
@@ -141,26 +142,67 @@ def soma(targets, rank: int = 8, alpha: float | None = None, *,
          rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
   """SoMA: "SoMA: Singular Value Decomposed Minor Components Adaptation for Domain
   Generalizable Representation Learning" (Yun et al., 2024): the minor-component adapter of
-  MiLoRA (SoMA's block freezing and weight-decay annealing belong to the training recipe)."""
+  MiLoRA. The rest of SoMA's recipe is outside the adapter: freeze the first blocks by
+  targeting only the later ones (e.g. `soma('encoder/layer_[3-5]/.*/kernel')`), train the
+  biases too with `pj.chain(soma(...), pj.full('.*/bias'))`, and anneal the weight decay with
+  an optax schedule in a custom optimiser (the trainer's `optimizer.weight_decay` is
+  constant)."""
   return _principal('soma', targets, rank, alpha, minor=True, rank_pattern=rank_pattern,
                     dropout=dropout)
 
 
 # ------------------------------------------------------------------------------------- SORSA
-def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, niter: int | None = None,
-          seed: int = 0, rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
+SORSA_UPDATES = ('gradient', 'loss')
+
+
+def _fro(x):
+  """Frobenius norm whose gradient at 0 is 0 (as torch.norm's), not NaN."""
+  sq = jnp.sum(x * x)
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def _is_factors(x) -> bool:
+  """A SORSA target's {'u', 's', 'vt'}."""
+  return is_entry(x, ('u', 's', 'vt'))
+
+
+def orthonormality(state) -> jax.Array:
+  """SORSA's regulariser (`calc_ortho` of the official code): the mean over every U_p and V_p
+  of the (unsquared) Frobenius norms ||U_p^T U_p - I||_F and ||V_p^T V_p - I||_F. `state` may
+  be any tree holding SORSA targets (e.g. a chain's)."""
+  terms = []
+  for st in filter(_is_factors, jax.tree.leaves(state, is_leaf=_is_factors)):
+    u, vt = st['u'].astype(jnp.float32), st['vt'].astype(jnp.float32)
+    eye = jnp.eye(u.shape[1], dtype=jnp.float32)
+    terms += [_fro(u.T @ u - eye), _fro(vt @ vt.T - eye)]
+  return sum(terms) / len(terms)
+
+
+def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, update: str = 'gradient',
+          niter: int | None = None, seed: int = 0, rank_pattern: dict | None = None,
+          dropout: float = 0.0) -> Adapter:
   """SORSA: "SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of
   Large Language Models" (Cao, 2024).
 
   Trainable U_p (in, r), S_p (r,), V_p^T (r, out) from the top-r SVD of W over the frozen
-  residual W - U_p S_p V_p^T; the weight is residual + (U_p * S_p) @ V_p^T. `loss` is
-  gamma * sum over targets of ||U_p^T U_p - I||_F^2 + ||V_p^T V_p - I||_F^2 (0 at init).
+  residual W - U_p S_p V_p^T; the weight is residual + (U_p * S_p) @ V_p^T. The regulariser
+  R = `orthonormality(state)` (0 at init) keeps U_p and V_p orthonormal. The paper's update is
+  W_p <- W_p - eta_t grad L - gamma grad R: the regulariser's step is gamma, not tied to lr.
+
+  update='gradient' (default, the official trainer): after gradient clipping, the optimiser
+  receives grad L + (gamma / lr) grad R, lr being the optimiser's peak learning rate (the
+  adapter's `tx`, built by `make_optimizer` with that lr). update='loss': gamma * R is added
+  to the training loss instead (clipped and scaled with it), the usual regulariser.
   """
   check_dropout('sorsa', dropout)
   if gamma < 0:
     raise ValueError(f'sorsa gamma must be >= 0, got {gamma}')
-  config = dict(method='sorsa', targets=target_list(targets), rank=rank, gamma=gamma, niter=niter,
-                seed=seed, rank_pattern=dict(rank_pattern or {}), dropout=dropout)
+  if update not in SORSA_UPDATES:
+    raise ValueError(f'sorsa update must be one of {SORSA_UPDATES}, got {update!r}')
+  config = dict(method='sorsa', targets=target_list(targets), rank=rank, gamma=gamma,
+                update=update, niter=niter, seed=seed, rank_pattern=dict(rank_pattern or {}),
+                dropout=dropout)
 
   def init(rng, params, *, calib=None):
     del rng, calib
@@ -180,13 +222,18 @@ def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, niter: int | None = No
                       custom_message=f'sorsa factors of {path}')
     return LowRank(w, st['u'] * st['s'], st['vt'], 1.0, dropout)
 
-  def loss(state):
-    total = jnp.zeros((), jnp.float32)
-    for st in state.values():
-      u, vt = st['u'].astype(jnp.float32), st['vt'].astype(jnp.float32)
-      eye = jnp.eye(u.shape[1], dtype=jnp.float32)
-      total += jnp.sum((u.T @ u - eye) ** 2) + jnp.sum((vt @ vt.T - eye) ** 2)
-    return gamma * total
+  def tx(lr: float) -> optax.GradientTransformation:
+    """Adds (gamma / lr) grad R to the adapter's gradients."""
+    if not lr > 0:
+      raise ValueError(f'sorsa needs the optimiser\'s peak learning rate > 0, got {lr}')
+
+    def update_fn(updates, state, params=None):
+      if params is None:
+        raise ValueError('sorsa\'s transform needs the params (optax update(..., params))')
+      reg = jax.grad(orthonormality)(params)
+      return jax.tree.map(lambda g, d: g + (gamma / lr) * d.astype(g.dtype), updates, reg), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
   def unmerge(merged, state):
     return _rebuild(merged, state,
@@ -197,8 +244,10 @@ def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, niter: int | None = No
     return {p: _info(flat[p], sum(x.size for x in st.values()), rank=int(st['s'].shape[0]))
             for p, st in state.items()}
 
+  by_update = ({'tx': tx} if update == 'gradient'
+               else {'loss': lambda state: gamma * orthonormality(state)})
   return Adapter(init=init, apply=lambda frozen, state: _rebuild(frozen, state, leaf),
-                 config=config, loss=loss, unmerge=unmerge, describe=describe)
+                 config=config, unmerge=unmerge, describe=describe, **by_update)
 
 
 # ------------------------------------------------------------------------------------- SVFit
@@ -210,6 +259,8 @@ def svfit(targets, rank: int | None = 8, *, energy: float = 0.99,
   Only the top-r singular values S_r train; U_r, V_r^T are fixed and the residual
   W - U_r S_r V_r^T is frozen: the weight is residual + U_r diag(s) V_r^T. rank=None picks,
   per target, the smallest r holding `energy` of the spectrum (the paper's 99%).
+  The paper trains that many values (hundreds per kernel, not 8): its setting is
+  `svfit(targets, rank=None)`.
   """
   if not 0.0 < energy <= 1.0:
     raise ValueError(f'svfit energy must be in (0, 1], got {energy}')
@@ -246,7 +297,7 @@ def svfit(targets, rank: int | None = 8, *, energy: float = 0.99,
 
 
 # ------------------------------------------------------------------------------------- LoLDU
-def loldu(targets, rank: int = 8, alpha: float | None = None, *,
+def loldu(targets, rank: int = 8, alpha: float | None = 1.0, *,
           rank_pattern: dict | None = None) -> Adapter:
   """LoLDU: "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for
   Parameter-Efficient Fine-Tuning" (Shi et al., 2024).
@@ -254,7 +305,9 @@ def loldu(targets, rank: int = 8, alpha: float | None = None, *,
   As in the reference code, the (out, in) weight W^T = P L diag(D) U (partial pivoting) gives
   fixed rank-r factors P L_r and U_r; the diagonal d = D_r and a scalar scale (initially
   alpha / r, or 1 when alpha is None) train over the frozen residual W - scale U_r^T diag(d)
-  (P L_r)^T. State per target: {'d': (r,), 'scale': ()}.
+  (P L_r)^T. State per target: {'d': (r,), 'scale': ()}. The default alpha = 1 (scale 1/r)
+  is the reference's `LoLDUParametrization.from_linear`; its default layer config uses a
+  much larger rank (768: `loldu(targets, rank=min(in, out))` trains the whole diagonal).
   """
   config = dict(method='loldu', targets=target_list(targets), rank=rank, alpha=alpha,
                 rank_pattern=dict(rank_pattern or {}))

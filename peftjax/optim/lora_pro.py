@@ -46,14 +46,14 @@ import jax.numpy as jnp
 import optax
 
 from peftjax.core import paths as P
+from peftjax.core.adapter import is_entry
 
 X_MODES = ('sylvester', 'zero')
 
 
 def _is_pair(x) -> bool:
-  """A LoRA target's `{'a', 'b'}` (not one that optax's masking has hidden from us)."""
-  return (isinstance(x, dict) and set(x) == {'a', 'b'}
-          and not any(isinstance(v, optax.MaskedNode) for v in x.values()))
+  """A LoRA target's `{'a', 'b'}`."""
+  return is_entry(x, ('a', 'b'))
 
 
 def _scale_fn(scales) -> Callable[[str], float]:

@@ -2,7 +2,9 @@
 
 Per epoch: train over the shuffled train split, evaluate on val, keep the best adapter (by
 val accuracy) in `WORKDIR/adapter`, checkpoint; `train.max_steps` (0: none) ends training
-early, after an evaluation where it stops. At the end: test accuracy of the best adapter,
+early, after an evaluation where it stops; `train.eval_every` (0: none) adds val evaluations
+every that many steps (logged, not used for selection). `head.init` starts the task head from
+the one saved with an adapter (e.g. a probe run's `WORKDIR/adapter`) instead of at random. At the end: test accuracy of the best adapter,
 `summary.json`, `metrics.jsonl` and `curves.png`. `resume=True` continues from the newest
 checkpoint with exactly the batches, dropout keys and optimiser state it would have had.
 Data-initialised methods (CorDA, EVA, LoRA-GA) get a lazy `Calibration` on the first
@@ -40,7 +42,7 @@ from peftjax import methods
 from peftjax.core.adapter import num_params, summary
 from peftjax.core.calib import Calibration
 from peftjax.data import vader
-from peftjax.io.adapter_file import load_adapter, save_adapter
+from peftjax.io.adapter_file import load_adapter, load_head, save_adapter
 from peftjax.io.files import atomic_write_text
 from peftjax.models import Backbone, build
 from peftjax.objectives.classification import cross_entropy
@@ -85,7 +87,9 @@ def calibration(config, backbone: Backbone, train_data, head) -> Calibration:
 
   def batches():
     return itertools.islice(vader.batches(*train_data, tc.batch_size, seed=config.seed, epoch=0,
-                                          bucket=config.data.bucket), n)
+                                          bucket=config.data.bucket,
+                                          group_by_length=config.data.get('group_by_length', 0)),
+                            n)
 
   def loss_fn(params, batch):
     logits = backbone.embed(params, batch) @ head['kernel'] + head['bias']
@@ -131,7 +135,8 @@ def evaluate(eval_step, trainable, frozen, data, config, sharding) -> dict:
   tokens, labels = data
   size, sums = config.train.eval_batch_size, None
   for rows in vader.batches(tokens, labels, size, bucket=config.data.bucket,
-                            rows=host_rows(sharding, size)):
+                            rows=host_rows(sharding, size),
+                            group_by_length=config.data.get('group_by_length', 0)):
     out = eval_step(trainable, frozen, put_rows(rows, sharding, size))
     sums = out if sums is None else jax.tree.map(np.add, sums, out)
   sums = jax.device_get(sums)
@@ -205,6 +210,8 @@ def train(config, workdir, *, resume: bool = False) -> dict:
   adapter = method_from_config(config.method)
   k_adapter, k_head = jax.random.split(jax.random.key(config.seed))
   head = S.init_head(k_head, backbone.width, int(data['train'][1].max()) + 1)
+  if config.get('head', {}).get('init'):  # e.g. a probe run's adapter: train the head first
+    head = load_head(config.head.init, head)
   frozen, adapter_state = adapter.init(
       k_adapter, backbone.params, calib=calibration(config, backbone, data['train'], head))
   if main:
@@ -275,7 +282,9 @@ def train(config, workdir, *, resume: bool = False) -> dict:
     tic = time.perf_counter()
     for b, rows in enumerate(vader.batches(*data['train'], tc.batch_size, seed=config.seed,
                                            epoch=epoch, start=start, bucket=config.data.bucket,
-                                           rows=host_rows(shard, tc.batch_size)), start):
+                                           rows=host_rows(shard, tc.batch_size),
+                                           group_by_length=config.data.get('group_by_length', 0)),
+                             start):
       if step >= total_steps:
         break
       state, out = compiled[rows['input_ids'].shape[1]](
@@ -290,6 +299,15 @@ def train(config, workdir, *, resume: bool = False) -> dict:
         raise SystemExit(f'halted at step {step} (train.halt_at_step)')
       if step % tc.log_every == 0:
         flush(epoch)
+      if tc.get('eval_every') and step % tc.eval_every == 0 and b + 1 < steps_per_epoch:
+        flush(epoch)
+        jax.block_until_ready(state)
+        train_time += time.perf_counter() - tic
+        val = evaluate(eval_step, state.trainable, frozen_dev, data['val'], config, shard)
+        if main:
+          metrics.write([{'kind': 'val', 'step': step,
+                          'epoch': epoch + (b + 1) / steps_per_epoch, **val}])
+        tic = time.perf_counter()
       if tc.checkpoint_every and step % tc.checkpoint_every == 0 and b + 1 < steps_per_epoch:
         flush(epoch)
         jax.block_until_ready(state)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peftjax.core.adapter import Adapter, regularizer
+from peftjax.core.adapter import Adapter, regularizer, transform
 from peftjax.models import Backbone
 from peftjax.objectives.classification import cross_entropy, eval_counts
 
@@ -34,16 +34,19 @@ def init_head(rng, width: int, num_classes: int):
 
 
 def make_optimizer(config, adapter: Adapter) -> optax.GradientTransformation:
-  """AdamW (constant LR, or warm-up + cosine decay), after the method's own transform."""
+  """AdamW (constant LR, or warm-up + cosine decay). The raw gradients (adapter and head) are
+  clipped to `clip_norm` first, then the method's own transform sees the adapter's, as in
+  the reference trainers of LoRA-Pro and SORSA."""
   lr = config.lr
   if config.get('schedule', 'constant') == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
                                             max(config.total_steps, config.warmup_steps + 1))
   parts = []
-  if adapter.tx is not None:
-    parts.append(_on_adapter(adapter.tx))
   if config.get('clip_norm'):
     parts.append(optax.clip_by_global_norm(config.clip_norm))
+  method_tx = transform(adapter, config.lr)
+  if method_tx is not None:
+    parts.append(_on_adapter(method_tx))
   parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
   return optax.chain(*parts)

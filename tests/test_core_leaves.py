@@ -1,0 +1,121 @@
+"""`leaves.dense` and its hand-written VJP against plain jnp autodiff, for every structured leaf.
+
+The references never call `dense`: without dropout the kernel is materialised
+(`x @ materialize(leaf)`); with dropout the adapter path is written out with
+`peftjax.core.dropout.dropout` and the key derivation `dense` uses (the base weight draws
+from `fold_in(rng, 0)`, the adapter's input mask from `fold_in(rng, 1)`).
+"""
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peftjax.core import leaves
+from peftjax.core.dropout import dropout
+from peftjax.core.leaves import LowRank, dense, materialize
+
+D_IN, D_OUT = 7, 6
+
+
+def normal(rng, *shape):
+  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def low_rank(rng, rate, dtype, inner=None):
+  w = normal(rng, D_IN, D_OUT) if inner is None else inner
+  return LowRank(w.astype(dtype) if inner is None else w, normal(rng, D_IN, 3).astype(dtype),
+                 normal(rng, 3, D_OUT).astype(dtype), 1.7, rate)
+
+
+# Every structured leaf type with a factory of a random instance: (numpy rng, dropout rate,
+# dtype) -> leaf. A new type in `leaves.STRUCTURED` must be added here (see the test below).
+FACTORIES = {LowRank: low_rank}
+KINDS = {
+    'lowrank': lambda rng, rate, dtype: low_rank(rng, rate, dtype),
+    # `_dense2d` recurses into a structured `w`: the inner adapter has its own scale and mask.
+    'nested': lambda rng, rate, dtype: low_rank(rng, rate, dtype, inner=LowRank(
+        normal(rng, D_IN, D_OUT).astype(dtype), normal(rng, D_IN, 2).astype(dtype),
+        normal(rng, 2, D_OUT).astype(dtype), 0.6, rate)),
+}
+
+
+def test_every_structured_leaf_type_has_a_factory():
+  assert set(FACTORIES) == set(leaves.STRUCTURED)
+  rng = np.random.default_rng(0)
+  for kind, make in FACTORIES.items():
+    leaf = make(rng, 0.0, jnp.float32)
+    assert type(leaf) is kind and leaves.is_structured(leaf)
+    assert leaf.shape == (D_IN, D_OUT)
+
+
+def reference(x, kernel, rng):
+  """`x @ kernel` written out in plain jnp, with `dense`'s dropout masks."""
+  if isinstance(kernel, LowRank):
+    y = reference(x, kernel.w, None if rng is None else jax.random.fold_in(rng, 0))
+    h = dropout(None if rng is None else jax.random.fold_in(rng, 1), x, kernel.dropout)
+    return y + h @ kernel.a.astype(x.dtype) @ kernel.b.astype(x.dtype) * kernel.scale
+  assert not leaves.is_structured(kernel), f'no reference for {type(kernel).__name__}'
+  return x @ kernel.astype(x.dtype)
+
+
+def assert_close(got, want, tol, what):
+  """max |got - want| <= tol * max |want| (entries near 0 get the scale of the whole array)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, what
+  err, size = np.abs(got - want).max(), np.abs(want).max()
+  assert size > 0 and err <= tol * size, f'{what}: max error {err:.3g} vs max {size:.3g}'
+
+
+def vjp_all(f, x, kernel, g):
+  """The output and the cotangents of x and of every array in `kernel`."""
+  y, pull = jax.vjp(f, x, kernel)
+  dx, dk = pull(g.astype(y.dtype))
+  return y, dx, jax.tree_util.tree_leaves_with_path(dk)
+
+
+@pytest.mark.parametrize('lead', [(), (2, 5)], ids=['1d', 'batched'])
+@pytest.mark.parametrize('rate', [0.0, 0.4])
+@pytest.mark.parametrize('kind', list(KINDS))
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)],
+                         ids=['f32', 'bf16'])
+def test_dense_value_and_gradients_match_plain_autodiff(kind, rate, lead, dtype, tol):
+  rng = np.random.default_rng(zlib.crc32(repr((kind, rate, lead)).encode()))
+  kernel = KINDS[kind](rng, rate, dtype)
+  x = normal(rng, *lead, D_IN).astype(dtype)
+  g = normal(rng, *lead, D_OUT)
+  key = jax.random.key(int(rng.integers(2**31)))
+  got = vjp_all(lambda x, k: dense(x, k, key), x, kernel, g)
+  assert got[0].dtype == got[1].dtype == dtype and got[0].shape == (*lead, D_OUT)
+  if rate == 0.0:
+    plain = lambda x, k: x @ materialize(k)
+    # without a key there is no dropout whatever the leaf's rate
+    np.testing.assert_array_equal(dense(x, kernel), got[0])
+  else:
+    plain = lambda x, k: reference(x, k, key)
+    assert float(jnp.abs(dense(x, kernel) - got[0]).max()) > 1e-2  # the masks are on
+  # the reference in float32 (for bf16: on the same rounded values)
+  f32 = lambda t: jax.tree.map(lambda v: v.astype(jnp.float32), t)
+  want = vjp_all(plain, f32(x), f32(kernel), g)
+  assert_close(got[0], want[0], tol, 'output')
+  assert_close(got[1], want[1], tol, 'dx')
+  assert [p for p, _ in got[2]] == [p for p, _ in want[2]]
+  for (path, d_got), (_, d_want) in zip(got[2], want[2]):
+    assert d_got.dtype == dtype
+    assert_close(d_got, d_want, tol, f'd{jax.tree_util.keystr(path)}')
+
+
+def test_dropout_masks_only_the_adapter_input():
+  """With w = 0 the output is exactly the adapter path on the masked input."""
+  rng = np.random.default_rng(3)
+  leaf = LowRank(jnp.zeros((D_IN, D_OUT)), normal(rng, D_IN, 3), normal(rng, 3, D_OUT), 2.5, 0.5)
+  x = normal(rng, 2, 5, D_IN)
+  key = jax.random.key(11)
+  h = dropout(jax.random.fold_in(key, 1), x, 0.5)
+  assert 0.3 < float(jnp.mean(h == 0)) < 0.7
+  assert_close(dense(x, leaf, key), h @ leaf.a @ leaf.b * 2.5, 1e-5, 'adapter only')
+  base = LowRank(normal(rng, D_IN, D_OUT), leaf.a, leaf.b, 2.5, 0.5)  # the base sees all of x
+  assert_close(dense(x, base, key) - dense(x, leaf, key), x @ base.w, 1e-5, 'base path')
