@@ -19,9 +19,9 @@ interrupted one resumes, so a stopped study continues. Writes `WORKDIR/study.jso
 per pair: seed-mean val loss against steps, band = min..max over seeds).
 
 Paired measures (seed s of both sides sees the same batches): the val loss at
-`report_steps`, and the steps to reach a fixed val loss, the higher of the two sides'
-seed-mean final val losses (linear between evaluations; step 0 is the probe's val loss,
-which every run starts from). Differences are method - baseline with a 95% t interval over
+`report_steps`, and the steps to reach the pair's target val loss, 90% of the way from the
+start to the baseline's seed-mean final val loss (linear between evaluations; step 0 is the
+probe's val loss, which every run starts from). Differences are method - baseline with a 95% t interval over
 seeds. Verdict on "converges faster": reproduced when an interval favours the method and
 none favours the baseline, not reproduced when an interval favours the baseline and none
 the method, inconclusive otherwise.
@@ -155,11 +155,11 @@ def paired(diffs) -> dict:
   return out
 
 
-def compare(method: list[dict], baseline: list[dict], report_steps, start_loss) -> dict:
+def compare(method: list[dict], baseline: list[dict], report_steps, start_loss,
+            target: float) -> dict:
   """Paired measures of two lists of per-seed curves (the seeds both have)."""
   n = min(len(method), len(baseline))
   method, baseline = method[:n], baseline[:n]
-  target = max(np.mean([c['val_loss'][-1] for c in side]) for side in (method, baseline))
   out = {'seeds': n, 'target': float(target), 'loss_at': {}}
   for s in report_steps:
     m, b = [loss_at(c, s) for c in method], [loss_at(c, s) for c in baseline]
@@ -191,6 +191,7 @@ def verdict(diffs) -> str:
 
 
 # ------------------------------------------------------------------------------- reporting
+TARGET_SHARE = 0.9  # the target val loss: 90% of the way from the start to the baseline's end
 def report(config, workdir) -> dict:
   workdir = pathlib.Path(workdir)
   pairs = selected(config)
@@ -216,10 +217,11 @@ def report(config, workdir) -> dict:
                    'best': seeds(pair['method'], lm)},
     }
     r = results[key]
-    r['matched'] = compare(r['curves']['matched'], r['curves']['baseline'],
-                           config.report_steps, start_loss)
-    r['best'] = compare(r['curves']['best'], r['curves']['baseline'], config.report_steps,
-                        start_loss)
+    final = np.mean([c['val_loss'][-1] for c in r['curves']['baseline']])
+    target = start_loss - TARGET_SHARE * (start_loss - final)
+    for kind in ('matched', 'best'):
+      r[kind] = compare(r['curves'][kind], r['curves']['baseline'], config.report_steps,
+                        start_loss, target)
   out = {'probe_val_loss': start_loss, 'sweep': sweep, 'pairs': results}
   atomic_write_text(workdir / 'study.json', json.dumps(out, indent=1))
   table = markdown(config, out)
@@ -272,7 +274,7 @@ def markdown(config, out: dict) -> str:
             + ' | ' + ' | '.join(f'Δ @{s}' for s in steps)
             + ' | target | steps to target (method / baseline) | Δ steps | '
             'test acc (method / baseline) | verdict |',
-            '|' + '---|' * (8 + 2 * len(steps))]
+            '|' + '---|' * (9 + 2 * len(steps))]
   for key, r in out['pairs'].items():
     for kind, lr in (('matched', r['baseline_lr']), ('best', r['method_lr'])):
       if kind == 'best' and r['method_lr'] == r['baseline_lr']:
