@@ -116,14 +116,13 @@ def plan(config, workdir, pair) -> list[tuple[str, float]]:
 
 # ------------------------------------------------------------------------------- measuring
 def curve(folder: pathlib.Path) -> dict:
-  """A finished run's val loss per evaluation, test accuracy and train steps/s."""
+  """A finished run's val loss and accuracy per evaluation, and its test accuracy."""
   records = MetricsLog(folder / 'metrics.jsonl').read()
   summary = json.loads((folder / 'summary.json').read_text())
   val = sorted((r for r in records if r['kind'] == 'val'), key=lambda r: r['step'])
   return {'steps': [r['step'] for r in val], 'val_loss': [r['loss'] for r in val],
           'val_accuracy': [r['accuracy'] for r in val],
-          'test_accuracy': summary['test_accuracy'],
-          'steps_per_sec': summary['train_steps_per_sec']}
+          'test_accuracy': summary['test_accuracy']}
 
 
 def loss_at(c: dict, step: int) -> float:
@@ -192,6 +191,8 @@ def verdict(diffs) -> str:
 
 # ------------------------------------------------------------------------------- reporting
 TARGET_SHARE = 0.9  # the target val loss: 90% of the way from the start to the baseline's end
+
+
 def report(config, workdir) -> dict:
   workdir = pathlib.Path(workdir)
   pairs = selected(config)
@@ -242,12 +243,15 @@ def _ci(d: dict, fmt='{:+.4f}') -> str:
 
 
 def _mean(values, fmt='{:.4f}') -> str:
+  """mean ± sd; values that are inf (a target never reached) are counted, not averaged."""
   values = np.asarray(values, float)
-  if not np.all(np.isfinite(values)):
-    return f'{fmt.format(np.mean(values[np.isfinite(values)]))} ({np.sum(~np.isfinite(values))} never)' \
-        if np.any(np.isfinite(values)) else 'never'
-  return fmt.format(values.mean()) + (f' ± {fmt.format(values.std(ddof=1))}'
-                                      if len(values) > 1 else '')
+  finite, never = values[np.isfinite(values)], int(np.sum(~np.isfinite(values)))
+  if not len(finite):
+    return 'never'
+  if never:
+    return f'{fmt.format(finite.mean())} ({never} never)'
+  return fmt.format(finite.mean()) + (f' ± {fmt.format(finite.std(ddof=1))}'
+                                      if len(finite) > 1 else '')
 
 
 def markdown(config, out: dict) -> str:

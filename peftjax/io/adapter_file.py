@@ -62,14 +62,18 @@ def read_adapter_config(directory) -> dict:
   return meta
 
 
+def _read_tensors(directory: pathlib.Path) -> dict:
+  try:
+    return safetensors.numpy.load_file(str(directory / WEIGHTS_FILE))
+  except Exception as e:  # safetensors raises several types for truncated/corrupt files
+    raise AdapterFileError(f'cannot read {directory / WEIGHTS_FILE}: {e}') from None
+
+
 def load_head(directory, like) -> dict:
   """The task head saved with the adapter in `directory`, checked against `like`'s shapes."""
   directory = pathlib.Path(directory)
   read_adapter_config(directory)
-  try:
-    tensors = safetensors.numpy.load_file(str(directory / WEIGHTS_FILE))
-  except Exception as e:  # safetensors raises several types for truncated/corrupt files
-    raise AdapterFileError(f'cannot read {directory / WEIGHTS_FILE}: {e}') from None
+  tensors = _read_tensors(directory)
   found = {k[len('head/'):]: v for k, v in tensors.items() if k.startswith('head/')}
   expected = {k: tuple(v.shape) for k, v in P.flatten(like).items()}
   got = {k: tuple(v.shape) for k, v in found.items()}
@@ -90,10 +94,7 @@ def load_adapter(directory, params, *, rng=None):
       raise AdapterFileError(
           f'adapter target {path} was trained for shape {tuple(info["shape"])} but the params '
           f'hold {tuple(flat_params[path].shape)} (base model of the file: {meta["base_model"]})')
-  try:
-    tensors = safetensors.numpy.load_file(str(directory / WEIGHTS_FILE))
-  except Exception as e:  # safetensors raises several types for truncated/corrupt files
-    raise AdapterFileError(f'cannot read {directory / WEIGHTS_FILE}: {e}') from None
+  tensors = _read_tensors(directory)
   try:
     adapter = methods.from_config(meta['method'])
   except (ValueError, TypeError) as e:  # an unknown method or arguments it does not take
