@@ -9,7 +9,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.11',
-    packages=setuptools.find_packages(include=['peftjax', 'peftjax.*']),
+    packages=setuptools.find_packages(include=['peftjax', 'peftjax.*', 'configs', 'experiments']),
     # Floors are the versions the test suite runs against.
     install_requires=[
         'jax>=0.10.2',

@@ -17,19 +17,18 @@ stopped study continues where it stopped.
 """
 import ml_collections
 
-from configs import minilm_vader_lora
+from configs import minilm_vader
 
 TARGETS = ('encoder/.*/kernel',)
 
 
 def get_config():
-  base = minilm_vader_lora.get_config()
+  base = minilm_vader.get_config()
   base.data.group_by_length = 50
   base.optimizer.update({'schedule': 'cosine', 'warmup_steps': 16, 'weight_decay': 0.0,
                          'clip_norm': 1.0})
   base.train.update({'batch_size': 16, 'epochs': 1, 'eval_every': 53, 'log_every': 53,
                      'checkpoint_every': 106})
-  base.calibration = ml_collections.ConfigDict({'batches': 8})
 
   def method(name, **kwargs):
     return {'name': name, 'targets': TARGETS, 'rank': 8, 'dropout': 0.0, **kwargs}

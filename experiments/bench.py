@@ -39,8 +39,6 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULT_MARK = 'BENCH_RESULT '
 NUM_CLASSES = 2  # VADER sentiment: rating > 0.
-TINY_MODEL = {'name': 'bert', 'hidden_size': 32, 'num_layers': 2, 'num_heads': 4,
-              'intermediate_size': 64}
 TORCH = 'torch'
 JAX = 'peftjax'
 _CHILD_TIMEOUT_S = 3600
@@ -65,7 +63,8 @@ def load_config(module: str, model: str = 'minilm', variant: str = ''):
     config[group][key] = value
   if model == 'tiny':
     import ml_collections  # pylint: disable=g-import-not-at-top
-    config.model = ml_collections.ConfigDict(TINY_MODEL)
+    from peftjax.models import TINY_BERT  # pylint: disable=g-import-not-at-top
+    config.model = ml_collections.ConfigDict(TINY_BERT)
   elif model != 'minilm':
     raise ValueError(f"unknown --model {model!r}; expected 'minilm' or 'tiny'")
   return config
@@ -102,25 +101,25 @@ def measure_jax(spec: dict) -> dict:
   import jaxlib  # pylint: disable=g-import-not-at-top
   from peftjax.core.adapter import num_params  # pylint: disable=g-import-not-at-top
   from peftjax.models import build  # pylint: disable=g-import-not-at-top
+  from peftjax.tasks.classification import SentenceClassification  # pylint: disable=g-import-not-at-top
   from peftjax.parallel import mesh as M  # pylint: disable=g-import-not-at-top
   from peftjax.train import step as S  # pylint: disable=g-import-not-at-top
   from peftjax.train.loop import method_from_config, prepare  # pylint: disable=g-import-not-at-top
 
   tic = time.perf_counter()
   config = load_config(spec['config'], spec['model'], spec.get('variant', ''))
-  backbone = build(config.model, config.data.max_length, config.seed)
+  model = build(config.model, config.seed)
+  task = SentenceClassification(model, {}, num_classes=NUM_CLASSES)  # batches come from here
   adapter = method_from_config(config.method)
   k_adapter, k_head = jax.random.split(jax.random.key(config.seed))
-  frozen, adapter_state = adapter.init(k_adapter, backbone.params)
-  head = S.init_head(k_head, backbone.width, NUM_CLASSES)
-  with config.optimizer.unlocked():
-    config.optimizer.total_steps = spec['warmup'] + spec['steps']
-  tx = S.make_optimizer(config.optimizer, adapter)
+  frozen, adapter_state = adapter.init(k_adapter, model.params)
+  head = task.init_head(k_head)
+  tx = S.make_optimizer(config.optimizer, adapter, spec['warmup'] + spec['steps'])
 
-  run = prepare(config, backbone, adapter, frozen, {'adapter': adapter_state, 'head': head}, tx)
+  run = prepare(config, task, adapter, frozen, {'adapter': adapter_state, 'head': head}, tx)
   state, frozen = run.state, run.frozen
   batch = M.put(make_batch(config.train.batch_size, spec['seq_len'],
-                           backbone.module.config.vocab_size), run.batch_sharding)
+                           model.module.config.vocab_size), run.batch_sharding)
   setup_s = time.perf_counter() - tic
 
   tic = time.perf_counter()
@@ -233,13 +232,13 @@ def torch_plan(config, model: str) -> dict | None:
   """
   from peftjax.core import paths as P  # pylint: disable=g-import-not-at-top
   from peftjax.data import assets  # pylint: disable=g-import-not-at-top
-  from peftjax.models import bert, minilm  # pylint: disable=g-import-not-at-top
+  from peftjax.models import TINY_BERT, bert, minilm  # pylint: disable=g-import-not-at-top
 
   if model == 'minilm':
     path = str(assets.asset_path('minilm'))
     bert_config, hf_config = minilm.load_config(path), None
   else:
-    sizes = {k: v for k, v in TINY_MODEL.items() if k != 'name'}
+    sizes = {k: v for k, v in TINY_BERT.items() if k != 'name'}
     vocab = minilm.load_tokenizer().get_vocab_size()
     bert_config, path = bert.BertConfig(vocab_size=vocab, **sizes), None
     hf_config = {'vocab_size': vocab, 'hidden_size': sizes['hidden_size'],

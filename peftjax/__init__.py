@@ -1,10 +1,27 @@
-"""peftjax: parameter-efficient fine-tuning as pure functions over Flax param trees."""
+"""peftjax: parameter-efficient fine-tuning as pure functions over Flax param trees.
+
+With a model of your own: `adapter.init` its params, run `adapter.apply(frozen, state)` with
+`structured_layers()` (or `apply`) around the module's apply so that its `flax.linen` layers
+compute the structured leaves, `merge` for a plain tree, `save_adapter` / `load_adapter` for
+files; `dense` is the structured matmul for layers of your own.
+"""
 from peftjax.core.adapter import (Adapter, chain, combine, merge, num_params, partition,
                                   regularizer, summary, transform, unmerge)
-from peftjax.core.leaves import LowRank, materialize
-from peftjax.core.paths import PatternError, flatten, select, unflatten
 from peftjax.core.calib import Calibration
-from peftjax.methods import (corda, eva, from_config, full, loldu, lora, lora_ga, lora_pro,
-                             milora, pissa, probe, rslora, soka, soma, sorsa, svfit)
+from peftjax.core.leaves import LowRank, dense, materialize
+from peftjax.core.linen import apply, structured_layers
+from peftjax.core.paths import PatternError, flatten, select, unflatten
+from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head, save_adapter
+from peftjax.methods import (REGISTRY, corda, eva, from_config, full, loldu, lora, lora_ga,
+                             lora_pro, milora, pissa, probe, rslora, soka, soma, sorsa, svfit)
 
 __version__ = '0.1.0'
+
+__all__ = [
+    'Adapter', 'AdapterFileError', 'Calibration', 'LowRank', 'PatternError', 'REGISTRY',
+    'apply', 'chain', 'combine', 'corda', 'dense', 'eva', 'flatten', 'from_config', 'full',
+    'load_adapter', 'load_head', 'loldu', 'lora', 'lora_ga', 'lora_pro', 'materialize',
+    'merge', 'milora', 'num_params', 'partition', 'pissa', 'probe', 'regularizer', 'rslora',
+    'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'structured_layers', 'summary',
+    'svfit', 'transform', 'unflatten', 'unmerge',
+]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import flax.linen as nn
@@ -11,9 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import minilm_vader_lora
-from experiments.bench import TINY_MODEL
+from configs import minilm_vader
 import peftjax as pj
+from peftjax import tasks
 from peftjax.core import calib as C
 from peftjax.core import paths as P
 from peftjax.core.adapter import describe_targets
@@ -21,10 +22,9 @@ from peftjax.io.adapter_file import load_adapter, save_adapter
 from peftjax.methods import from_config
 from peftjax.methods.data_init import (corda, damped_covariance, eva, eva_ranks,
                                        explained_variance, lora_ga)
-from peftjax.models import build
+from peftjax.models import TINY_BERT
 from peftjax.models.bert import Bert, BertConfig, mean_pool
 from peftjax.train import loop
-from peftjax.train import step as S
 
 CFG = BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4,
                  intermediate_size=64)
@@ -265,25 +265,25 @@ def test_save_load_round_trip_needs_no_calibration_data(name, tmp_path):
 
 
 def test_trainer_runs_corda_end_to_end(tmp_path):
-  c = minilm_vader_lora.get_config()
-  c.model = ml_collections.ConfigDict(TINY_MODEL)
+  c = minilm_vader.get_config()
+  c.model = ml_collections.ConfigDict(TINY_BERT)
   c.data.limit, c.data.max_length = 48, 32
   c.train.batch_size, c.train.eval_batch_size, c.train.epochs = 16, 48, 1
   c.method = ml_collections.ConfigDict({'name': 'corda', 'targets': ('attention/value/kernel',),
                                         'rank': 2, 'mode': 'ipm'})
-  c.calibration = ml_collections.ConfigDict({'batches': 2})
+  c.calibration.batches = 2
   summary = loop.train(c, tmp_path)
   assert summary['steps'] == 3 and 0.0 <= summary['test_accuracy'] <= 1.0
   assert summary['trainable_params'] == 2 * 2 * (32 + 32) + 32 * 2 + 2
-  backbone = build(c.model, c.data.max_length, c.seed)
-  _, frozen, state, head, _ = load_adapter(tmp_path / 'adapter', backbone.params)
+  task = tasks.build(c)
+  _, frozen, state, head, _ = load_adapter(tmp_path / 'adapter', task.model.params)
   assert head is not None and pj.num_params(state) == 2 * 2 * (32 + 32)
   # A resume rebuilds the calibration: it must give the saved factors bit for bit.
-  data = loop.load_data(c.data, backbone.tokenizer)
   k_adapter, k_head = jax.random.split(jax.random.key(c.seed))
-  head = S.init_head(k_head, backbone.width, int(data['train'][1].max()) + 1)
+  head = task.init_head(k_head)
+  batches = lambda: itertools.islice(task.batches('train', 16, seed=c.seed), 2)
   again, _ = loop.method_from_config(c.method).init(
-      k_adapter, backbone.params, calib=loop.calibration(c, backbone, data['train'], head))
+      k_adapter, task.model.params, calib=task.calibration(head, batches))
   saved = {p: l for p, l in P.flatten(frozen).items() if isinstance(l, C.CalibratedResidual)}
   assert len(saved) == 2
   for path, leaf in saved.items():

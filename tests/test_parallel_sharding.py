@@ -10,14 +10,13 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from experiments.bench import TINY_MODEL
 from peftjax import methods
 from peftjax.core import paths
 from peftjax.core.leaves import LowRank
-from peftjax.models import build
+from peftjax.models import TINY_BERT, build
 from peftjax.parallel import sharding as PS
 from peftjax.parallel.mesh import make_mesh
-from peftjax.train import step as S
+from peftjax.tasks.classification import init_head
 from peftjax.train.loop import place
 
 Q = 'encoder/layer_0/attention/query/kernel'
@@ -27,7 +26,7 @@ FF_OUT = 'encoder/layer_1/output/kernel'
 
 @pytest.fixture(scope='module')
 def backbone():
-  return build(ml_collections.ConfigDict(TINY_MODEL), 32)
+  return build(ml_collections.ConfigDict(TINY_BERT))
 
 
 @pytest.fixture(scope='module')
@@ -63,7 +62,7 @@ def test_lora_factors_and_adam_moments_inherit_base_sharding(backbone, mesh):
   adapter = methods.lora(['encoder/.*/kernel'], rank=4)
   frozen, state = adapter.init(jax.random.key(0), backbone.params)
   tx = optax.adamw(1e-3)
-  head = S.init_head(jax.random.key(1), 32, 2)
+  head = init_head(jax.random.key(1), 32, 2)
   placed, frozen_dev, _, _ = place(backbone, frozen, {'adapter': state, 'head': head}, tx, mesh)
   lora = placed.trainable['adapter']
   assert lora[Q]['a'].sharding.spec == P('fsdp', None)      # in axis of (embed, heads)
@@ -107,3 +106,13 @@ def test_structured_leaves_and_vectors_inherit(mesh):
   assert specs[f'ssf/{Q}/scale'] == P('tensor')
   assert specs[f'ssf/{Q}/shift_in'] == P('fsdp')
   assert specs[f'chain/0/{Q}/a'] == P('fsdp', None)
+
+
+def test_a_model_without_logical_axes_is_replicated_with_a_warning(backbone, mesh, caplog):
+  specs = PS.param_specs(backbone.params, None, mesh)
+  assert set(specs) == set(paths.flatten(backbone.params))
+  assert all(spec == P() for spec, _ in specs.values())
+  assert 'names no logical axes' in caplog.text and 'axes_from_table' in caplog.text
+  caplog.clear()
+  PS.param_specs(backbone.params, None, make_mesh(8, 1, 1))  # data parallel: nothing to say
+  assert not caplog.text

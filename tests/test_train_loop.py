@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from configs import minilm_vader_probe
 from peftjax.io.adapter_file import AdapterFileError
 from peftjax.train.checkpoint import CheckpointError
 from peftjax.train.loop import train
@@ -50,7 +49,7 @@ def test_adapter_file_holds_lora_and_head_only(uninterrupted):
 def test_resume_continues_bit_exactly(uninterrupted, tmp_path):
   reference, summary = uninterrupted
   with pytest.raises(SystemExit, match='halted at step 7'):
-    train(tiny(halt_at_step=7), tmp_path)  # dies after the step-6 checkpoint
+    train(tiny(), tmp_path, halt_at_step=7)  # dies after the step-6 checkpoint
   resumed = train(tiny(), tmp_path, resume=True)
   assert train_losses(tmp_path) == train_losses(reference)
   for key in ('test_accuracy', 'val_accuracy', 'best_epoch', 'steps'):
@@ -62,7 +61,7 @@ def test_resume_continues_bit_exactly(uninterrupted, tmp_path):
 def test_resume_across_an_epoch_boundary(uninterrupted, tmp_path):
   reference, _ = uninterrupted
   with pytest.raises(SystemExit):
-    train(tiny(halt_at_step=6, checkpoint_every=0), tmp_path)  # only the epoch-1 checkpoint
+    train(tiny(checkpoint_every=0), tmp_path, halt_at_step=6)  # only the epoch-1 checkpoint
   train(tiny(), tmp_path, resume=True)
   assert train_losses(tmp_path) == train_losses(reference)
 
@@ -79,7 +78,7 @@ def test_existing_run_needs_resume_and_the_same_config(uninterrupted, tmp_path):
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit):
-    train(tiny(halt_at_step=3), tmp_path)
+    train(tiny(), tmp_path, halt_at_step=3)
   for f in (tmp_path / 'checkpoints' / '2').rglob('*'):
     if f.is_file() and f.name == 'manifest.ocdbt':
       f.write_bytes(b'garbage')
@@ -88,7 +87,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_probe_trains_only_the_head(tmp_path):
-  summary = train(tiny(minilm_vader_probe.get_config, epochs=1), tmp_path)
+  summary = train(tiny('probe', epochs=1), tmp_path)
   assert summary['trainable_params'] == 32 * 2 + 2
 
 
@@ -123,7 +122,7 @@ def test_max_steps_ends_training_early_with_an_evaluation(tmp_path):
 def test_eval_every_and_a_head_trained_first(tmp_path):
   """`head.init` starts from a probe run's head (with lr 0 it is kept exactly), and
   `train.eval_every` adds val evaluations between the epoch ends."""
-  train(tiny(minilm_vader_probe.get_config, epochs=1), tmp_path / 'probe')
+  train(tiny('probe', epochs=1), tmp_path / 'probe')
   probe_head = {k: v for k, v in adapter_tensors(tmp_path / 'probe').items()
                 if k.startswith('head/')}
   c = tiny(eval_every=2, epochs=1)

@@ -90,7 +90,7 @@ def test_bf16_compute_keeps_float32_master_weights(reference, tmp_path):
 
 def test_checkpoint_restores_onto_a_different_mesh(reference, tmp_path):
   with pytest.raises(SystemExit, match='halted at step 7'):
-    train(tiny(mesh=ONE_DEVICE, halt_at_step=7), tmp_path)
+    train(tiny(mesh=ONE_DEVICE), tmp_path, halt_at_step=7)
   resumed = train(tiny(mesh={'data': 2, 'fsdp': 2, 'tensor': 2}), tmp_path, resume=True)
   assert resumed['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
   assert [s for s, _ in train_losses(tmp_path)] == list(range(1, 11))
@@ -164,7 +164,7 @@ def test_one_config_on_1_device_8_devices_and_2_processes_gives_equal_losses(tmp
 
 
 def test_two_processes_resume_from_their_checkpoint(reference, tmp_path):
-  procs, outputs = _two_processes(tmp_path, {'train': {'halt_at_step': 7}})
+  procs, outputs = _two_processes(tmp_path, {'halt_at_step': 7})
   assert all('halted at step 7' in out for out in outputs), outputs
   procs, outputs = _two_processes(tmp_path, {}, resume=True)
   assert [p.returncode for p in procs] == [0, 0], outputs

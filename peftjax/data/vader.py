@@ -76,7 +76,11 @@ def load_domain(domain: str = 'movie', root: str | os.PathLike | None = None, *,
       raise ValueError(f'{path}:{lineno}: expected "id<TAB>rating<TAB>text", got {line!r}')
     row_id, rating, text = fields
     where = f'{path}:{lineno}'
-    rows.append((_id_key(row_id, where), row_id, float(rating), text))
+    try:
+      value = float(rating)
+    except ValueError:
+      raise ValueError(f'{where}: rating {rating!r} is not a number') from None
+    rows.append((_id_key(row_id, where), row_id, value, text))
   if len({r[0] for r in rows}) != len(rows):
     raise ValueError(f'{path}: duplicate ids')
   rows.sort(key=lambda r: r[0])

@@ -1,51 +1,50 @@
-"""Bundled Flax models and the backbone a config names."""
+"""A Flax model as the trainer sees it (`Model`), and the bundled ones a config names."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 
-from peftjax.models.bert import Bert, BertConfig, mean_pool
+from peftjax.core import linen
+
+# A 2-layer, 32-wide random BERT for tests and quick benchmarks (`model.name='bert'`).
+TINY_BERT = {'name': 'bert', 'hidden_size': 32, 'num_layers': 2, 'num_heads': 4,
+             'intermediate_size': 64}
 
 
-class Backbone(NamedTuple):
-  """A text encoder: the Flax module, its params, its tokenizer and an id for adapter files."""
+class Model(NamedTuple):
+  """Any `flax.linen` module with its params (pretrained or initial), an id that adapter
+  files record, and optionally the logical axis names of each param by slash path (for
+  sharding rules, `peftjax.parallel.sharding`; without them params are replicated)."""
   module: nn.Module
   params: Any
-  tokenizer: Any
   model_id: str
+  logical_axes: Callable[[str], tuple] | None = None
 
-  def embed(self, params, batch, *, train: bool = False, rng=None):
-    """Mean-pooled sentence embeddings of a batch."""
-    hidden = self.module.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
-                               train=train, rngs={'dropout': rng} if train else None)
-    return mean_pool(hidden, batch['attention_mask'])
-
-  @property
-  def width(self) -> int:
-    return self.module.config.hidden_size
-
-  def logical_axes(self, path: str) -> tuple:
-    """The logical axis names of the param at slash `path` (for sharding rules)."""
-    return self.module.logical_axes(path)
+  def apply(self, params, *args, rng=None, **kwargs):
+    """The module on `params`, which may hold structured leaves (`peftjax.core.linen`);
+    `rng` is the 'dropout' rng of a training call."""
+    return linen.apply(self.module, params, *args, rng=rng, **kwargs)
 
 
-def build(config, max_length: int = 64, seed: int = 0) -> Backbone:
+def build(config, seed: int = 0) -> Model:
   """`name='minilm'`: pretrained MiniLM-L6; `name='bert'`: random init of the given sizes
-  (with MiniLM's tokenizer), for tests and ablations. `remat=True` (either model)
-  recomputes each block's activations in the backward pass."""
+  (MiniLM's vocabulary), for tests and ablations. `remat=True` (either model) recomputes each
+  block's activations in the backward pass. Both run `(input_ids, attention_mask, train=)`
+  and return the last hidden states."""
   from peftjax.models import minilm
-  tokenizer = minilm.load_tokenizer(max_length=max_length)
+  from peftjax.models.bert import Bert, BertConfig
   remat = bool(config.get('remat', False))
   if config.name == 'minilm':
     bert_config, params = minilm.load_minilm()
-    return Backbone(Bert(bert_config, remat), params, tokenizer, minilm.MODEL_ID)
+    module = Bert(bert_config, remat)
+    return Model(module, params, minilm.MODEL_ID, module.logical_axes)
   if config.name == 'bert':
     sizes = {k: v for k, v in config.items() if k not in ('name', 'remat')}
-    bert_config = BertConfig(vocab_size=tokenizer.get_vocab_size(), **sizes)
+    bert_config = BertConfig(vocab_size=minilm.load_tokenizer().get_vocab_size(), **sizes)
     module = Bert(bert_config, remat)
     ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
     params = module.init(jax.random.key(seed), ids, ids + 1)['params']
-    return Backbone(module, params, tokenizer, f'random-bert-seed{seed}')
+    return Model(module, params, f'random-bert-seed{seed}', module.logical_axes)
   raise ValueError(f"unknown model {config.name!r}; expected 'minilm' or 'bert'")

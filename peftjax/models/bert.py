@@ -94,6 +94,7 @@ class Dense(nn.Module):
   """A linear layer computed by `leaves.dense`; in training it passes a dropout rng along."""
   features: int
   use_bias: bool = True
+  handles_structured = True  # see peftjax.core.linen
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):

@@ -1,6 +1,6 @@
 """Shardings of param, adapter and optimiser trees from logical-axis rules (t5x-style).
 
-A model names the axes of each of its params logically (`Backbone.logical_axes`, e.g. a
+A model names the axes of each of its params logically (`Model.logical_axes`, e.g. a
 query kernel is `('embed', 'heads')`); `RULES` map logical names to mesh axes. Every other
 tree the trainer holds inherits from the base weights by path: any leaf whose slash path
 contains a base param's path (an adapter state `{path: {'a', 'b'}}`, a frozen `LowRank`
@@ -17,12 +17,15 @@ shape works for any model.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from peftjax.core import paths as P
+
+log = logging.getLogger(__name__)
 
 # (logical axis, mesh axes) pairs; the first rule naming an axis wins.
 RULES: tuple[tuple[str, Any], ...] = (
@@ -84,11 +87,22 @@ def _fit(mesh_axes, dim: int, mesh: Mesh, used: set):
   return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
 
 
-def param_specs(params, logical_axes: Callable[[str], tuple], mesh: Mesh,
+def param_specs(params, logical_axes: Callable[[str], tuple] | None, mesh: Mesh,
                 rules=RULES) -> dict[str, tuple[PartitionSpec, tuple]]:
-  """`{slash path: (spec, shape)}` for every param of a (plain) model tree."""
+  """`{slash path: (spec, shape)}` for every param of a (plain) model tree. Without
+  `logical_axes` (a model that names none) every param is replicated: right for data
+  parallelism; on a mesh that would shard weights (fsdp or tensor > 1) a warning says how to
+  name them (`axes_from_table`)."""
+  flat = P.flatten(params)
+  if logical_axes is None:
+    if mesh.size > mesh.shape.get('data', 1):
+      log.warning('the model names no logical axes, so its weights are replicated over the '
+                  'mesh %s instead of sharded; give the Model logical_axes (e.g. '
+                  'peftjax.parallel.sharding.axes_from_table([(regex, axes), ...])) to shard '
+                  'them', dict(mesh.shape))
+    return {path: (PartitionSpec(), tuple(x.shape)) for path, x in flat.items()}
   return {path: (logical_to_spec(logical_axes(path), x.shape, mesh, rules), tuple(x.shape))
-          for path, x in P.flatten(params).items()}
+          for path, x in flat.items()}
 
 
 def shardings(tree, base: dict[str, tuple[PartitionSpec, tuple]], mesh: Mesh):

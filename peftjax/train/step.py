@@ -6,7 +6,6 @@ float32 (the master copy) while matmuls run in bf16; losses are float32.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -14,35 +13,29 @@ import jax.numpy as jnp
 import optax
 
 from peftjax.core.adapter import Adapter, regularizer, transform
-from peftjax.models import Backbone
-from peftjax.objectives.classification import cross_entropy, eval_counts
+from peftjax.tasks.base import Task
 
 
 class TrainState(NamedTuple):
-  """Everything that changes during training. `trainable` is `{'adapter': ..., 'head': ...}`."""
+  """Everything that changes during training. `trainable` is `{'adapter': the method's state,
+  'head': the task's trainable params}`."""
   step: jax.Array
   trainable: Any
   opt_state: Any
 
 
-def init_head(rng, width: int, num_classes: int):
-  """A linear head with torch's Linear init, U(-1/sqrt(width), 1/sqrt(width))."""
-  bound = 1.0 / math.sqrt(width)
-  k1, k2 = jax.random.split(rng)
-  return {'kernel': jax.random.uniform(k1, (width, num_classes), jnp.float32, -bound, bound),
-          'bias': jax.random.uniform(k2, (num_classes,), jnp.float32, -bound, bound)}
-
-
-def make_optimizer(config, adapter: Adapter) -> optax.GradientTransformation:
-  """AdamW (constant LR, or warm-up + cosine decay). The raw gradients (adapter and head) are
-  clipped to `clip_norm` first, then the method's own transform sees the adapter's, as in
-  the reference trainers of LoRA-Pro and SORSA."""
+def make_optimizer(config, adapter: Adapter, total_steps: int = 0) -> optax.GradientTransformation:
+  """AdamW (constant LR, or warm-up + cosine decay to 0 at `total_steps`). The raw gradients
+  (adapter and head) are clipped to `clip_norm` first, then the method's own transform sees
+  the adapter's, as in the reference trainers of LoRA-Pro and SORSA."""
   lr = config.lr
-  if config.get('schedule', 'constant') == 'cosine':
+  if config.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
-                                            max(config.total_steps, config.warmup_steps + 1))
+                                            max(total_steps, config.warmup_steps + 1))
+  elif config.schedule != 'constant':
+    raise ValueError(f"optimizer.schedule {config.schedule!r}; expected 'constant' or 'cosine'")
   parts = []
-  if config.get('clip_norm'):
+  if config.clip_norm:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
   method_tx = transform(adapter, config.lr)
   if method_tx is not None:
@@ -75,16 +68,12 @@ def cast_floats(tree, dtype):
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def logits_fn(backbone: Backbone, adapter: Adapter, compute_dtype=None):
-  def logits(trainable, frozen, batch, *, train=False, rng=None):
-    params = cast_floats(adapter.apply(frozen, trainable['adapter']), compute_dtype)
-    pooled = backbone.embed(params, batch, train=train, rng=rng)
-    head = trainable['head']
-    return pooled @ head['kernel'] + head['bias']
-  return logits
+def adapted(adapter: Adapter, frozen, state, compute_dtype=None):
+  """The tree the model runs with, in the compute dtype."""
+  return cast_floats(adapter.apply(frozen, state), compute_dtype)
 
 
-def make_train_step(backbone: Backbone, adapter: Adapter, tx, seed: int, *,
+def make_train_step(task: Task, adapter: Adapter, tx, seed: int, *,
                     accumulate: int = 1, compute_dtype=None):
   """`step(state, frozen, batch) -> (state, metrics)`; dropout keys derive from (seed, step).
 
@@ -92,11 +81,10 @@ def make_train_step(backbone: Backbone, adapter: Adapter, tx, seed: int, *,
   them one after another and sums their gradients weighted by their rows, so the update is
   the full batch's (each micro-batch draws its own dropout key) at a fraction of the memory.
   """
-  logits = logits_fn(backbone, adapter, compute_dtype)
 
   def loss_fn(trainable, frozen, batch, rng):
-    out = logits(trainable, frozen, batch, train=True, rng=rng)
-    loss = cross_entropy(out, batch['labels'], batch['weights'])
+    params = adapted(adapter, frozen, trainable['adapter'], compute_dtype)
+    loss = task.loss(params, trainable['head'], batch, rng=rng)
     return loss + regularizer(adapter, trainable['adapter']), loss
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -130,11 +118,11 @@ def make_train_step(backbone: Backbone, adapter: Adapter, tx, seed: int, *,
   return step
 
 
-def make_eval_step(backbone: Backbone, adapter: Adapter, compute_dtype=None):
-  """`eval_step(trainable, frozen, batch) -> {'loss', 'correct', 'count'}` sums."""
-  logits = logits_fn(backbone, adapter, compute_dtype)
+def make_eval_step(task: Task, adapter: Adapter, compute_dtype=None):
+  """`eval_step(trainable, frozen, batch)`: the task's metric sums on a batch."""
 
   def eval_step(trainable, frozen, batch):
-    return eval_counts(logits(trainable, frozen, batch), batch['labels'], batch['weights'])
+    params = adapted(adapter, frozen, trainable['adapter'], compute_dtype)
+    return task.eval_sums(params, trainable['head'], batch)
 
   return eval_step

@@ -1,0 +1,51 @@
+"""What the command-line entry points share: one-line errors for a user's mistakes.
+
+A mistake in the command, the config or the data (an unknown key, a target that matches
+nothing, a missing asset, an existing workdir, a malformed data row) ends the command with one
+line saying what was expected; `--traceback` shows the whole traceback instead.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+_TRACEBACK = flags.DEFINE_bool('traceback', False, 'on an error, show the whole traceback')
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+  """The exceptions that report a user's mistake (their message says what to change)."""
+  from peftjax.data.assets import AssetError  # pylint: disable=g-import-not-at-top
+  from peftjax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  return ValueError, OSError, FloatingPointError, AssetError, CheckpointError
+
+
+def run_cleanly(fn):
+  """Calls `fn()`; a user's mistake exits with one line (unless --traceback)."""
+  try:
+    return fn()
+  except user_errors() as e:
+    if _TRACEBACK.value:
+      raise
+    sys.exit(f'error: {" ".join(str(e).split())}  (--traceback shows where)')
+
+
+def loaded(config, flag: str = 'config'):
+  """`config`, or one line naming the config file that failed to load."""
+  try:
+    config.keys()  # A config file that failed to load raises here.
+  except OSError as e:
+    sys.exit(f'error: cannot load {flags.FLAGS[flag].config_filename}: '
+             f'{str(e).splitlines()[-1].strip()}')
+  return config
+
+
+def parse(argv):
+  """absl's flag parsing, with config and flag mistakes as one-line errors."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+  except (KeyError, AttributeError, ValueError, TypeError) as e:  # config_flags override errors
+    message = str(e).encode().decode('unicode_escape').replace("'", '')
+    sys.exit(f'error: unknown or invalid config key: {" ".join(message.split())}')

@@ -1,0 +1,14 @@
+"""Tasks by name: what a config's `task` selects (see `base.Task` for the contract)."""
+from __future__ import annotations
+
+from peftjax.tasks.base import Task
+from peftjax.tasks.classification import SentenceClassification
+
+REGISTRY = {'sentence_classification': SentenceClassification}
+
+
+def build(config, model=None) -> Task:
+  """The task `config.task` names, from `config` (on `model` if given, else the config's)."""
+  if config.task not in REGISTRY:
+    raise ValueError(f'unknown task {config.task!r}; known: {sorted(REGISTRY)}')
+  return REGISTRY[config.task].from_config(config, model)

@@ -1,0 +1,119 @@
+"""Sentence classification: mean-pooled encoder states, a linear head, cross-entropy.
+
+The data are VADER's human-rated sentences (any of its four domains, `peftjax.data.vader`);
+the model is any encoder called as `module(input_ids, attention_mask, train=)` that returns
+hidden states [B, L, H] (the bundled BERT / MiniLM by default). Metrics: loss and accuracy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from peftjax.data import vader
+from peftjax.models import Model, build
+from peftjax.models.bert import mean_pool
+from peftjax.tasks.base import Task
+
+
+def init_head(rng, width: int, num_classes: int):
+  """A linear head with torch's Linear init, U(-1/sqrt(width), 1/sqrt(width))."""
+  bound = 1.0 / math.sqrt(width)
+  k1, k2 = jax.random.split(rng)
+  return {'kernel': jax.random.uniform(k1, (width, num_classes), jnp.float32, -bound, bound),
+          'bias': jax.random.uniform(k2, (num_classes,), jnp.float32, -bound, bound)}
+
+
+def cross_entropy(logits, labels, weights):
+  """Mean softmax cross-entropy over rows with weight > 0."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def eval_counts(logits, labels, weights):
+  """Sums for exact aggregation over batches: loss, correct predictions (`accuracy`), rows."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {'loss': jnp.sum(losses * weights), 'accuracy': jnp.sum(correct * weights),
+          'count': jnp.sum(weights)}
+
+
+class SentenceClassification(Task):
+  """Classify token sequences with a linear head on the model's mean-pooled states.
+
+  Args:
+    model: the encoder.
+    data: `{split: (token arrays, labels)}`.
+    max_length: longest sequence (batches are padded to multiples of `bucket` up to it).
+    bucket: padding granularity (one compiled shape per multiple).
+    group_by_length: > 0 batches similar lengths together in groups of that many batches.
+    num_classes: default: the largest training label + 1.
+  """
+
+  def __init__(self, model: Model, data: dict, *, max_length: int = 64, bucket: int = 16,
+               group_by_length: int = 0, num_classes: int | None = None):
+    self.model, self.data = model, data
+    self.max_length, self.bucket, self.group_by_length = max_length, bucket, group_by_length
+    self.num_classes = num_classes or int(data['train'][1].max()) + 1
+
+  @classmethod
+  def from_config(cls, config, model: Model | None = None) -> SentenceClassification:
+    """VADER's `config.data.domain` (the first `limit` rows of each split if `limit` > 0),
+    tokenised for `config.model` (built from the config unless `model` is given)."""
+    from peftjax.models import minilm
+    d = config.data
+    if d.name != 'vader':
+      raise ValueError(f"unknown data set {d.name!r} for sentence classification; "
+                       "expected 'vader'")
+    tokenizer = minilm.load_tokenizer(max_length=d.max_length)
+    model = model or build(config.model, config.seed)
+    data = {}
+    for name, split in vader.load_split(d.domain).items():
+      n = d.limit or len(split)
+      data[name] = (vader.encode(tokenizer, split.texts[:n], d.max_length), split.labels[:n])
+    return cls(model, data, max_length=d.max_length, bucket=d.bucket,
+               group_by_length=d.group_by_length)
+
+  def num_batches(self, split, batch_size):
+    return vader.num_batches(len(self.data[split][0]), batch_size)
+
+  def batches(self, split, batch_size, *, seed=None, epoch=0, start=0,
+              rows=slice(None)) -> Iterator[dict]:
+    return vader.batches(*self.data[split], batch_size, seed=seed, epoch=epoch, start=start,
+                         bucket=self.bucket, rows=rows, group_by_length=self.group_by_length)
+
+  def batch_shapes(self, batch_size):
+    def spec(width):
+      tokens = jax.ShapeDtypeStruct((batch_size, width), np.int32)
+      rows = jax.ShapeDtypeStruct((batch_size,), np.int32)
+      return {'input_ids': tokens, 'attention_mask': tokens, 'labels': rows,
+              'weights': jax.ShapeDtypeStruct((batch_size,), np.float32)}
+    return [spec(w) for w in range(self.bucket, self.max_length + self.bucket, self.bucket)]
+
+  @property
+  def width(self) -> int:
+    ids = jax.ShapeDtypeStruct((1, self.bucket), np.int32)
+    return jax.eval_shape(lambda p, i: self.model.apply(p, i, i), self.model.params,
+                          ids).shape[-1]
+
+  def init_head(self, rng):
+    return init_head(rng, self.width, self.num_classes)
+
+  def logits(self, params, head, batch, *, rng=None):
+    hidden = self.model.apply(params, batch['input_ids'], batch['attention_mask'],
+                              train=rng is not None, rng=rng)
+    return mean_pool(hidden, batch['attention_mask']) @ head['kernel'] + head['bias']
+
+  def loss(self, params, head, batch, *, rng=None):
+    return cross_entropy(self.logits(params, head, batch, rng=rng), batch['labels'],
+                         batch['weights'])
+
+  def eval_sums(self, params, head, batch):
+    return eval_counts(self.logits(params, head, batch), batch['labels'], batch['weights'])
+
+  def calibration_mask(self, batch):
+    return batch['attention_mask'] * batch['weights'][:, None]
