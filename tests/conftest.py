@@ -7,8 +7,9 @@ import sys
 
 if 'jax' in sys.modules:
   raise RuntimeError('conftest must set XLA_FLAGS before jax is imported')
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+# First: XLA ignores the flags after one it cannot parse.
+os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 ' +
+                           os.environ.get('XLA_FLAGS', '')).strip()
 
 import pytest
 

@@ -1,4 +1,5 @@
-"""CorDA, EVA and LoRA-GA on a tiny random BERT and a plain Flax model with known spectra."""
+"""CorDA, EVA and LoRA-GA on a tiny random BERT and a plain Flax model with known spectra (what
+every method promises is in test_methods_contract)."""
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,7 @@ from peftjax import tasks
 from peftjax.core import calib as C
 from peftjax.core import paths as P
 from peftjax.core.adapter import describe_targets
-from peftjax.io.adapter_file import load_adapter, save_adapter
-from peftjax.methods import from_config
+from peftjax.io.adapter_file import load_adapter
 from peftjax.methods.data_init import (corda, damped_covariance, eva, eva_ranks,
                                        explained_variance, lora_ga)
 from peftjax.models import TINY_BERT
@@ -57,41 +57,11 @@ def forward(params, batch):
   return Bert(CFG).apply({'params': params}, batch['input_ids'], batch['attention_mask'])
 
 
-run = jax.jit(forward)
-
-
 def randomize(state, seed, std=0.1):
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(treedef, [l + std * jax.random.normal(k, l.shape)
                                       for k, l in zip(keys, leaves)])
-
-
-METHODS = {
-    'corda_kpm': lambda: corda(TARGETS, rank=3),
-    'corda_ipm': lambda: corda(TARGETS, rank=3, mode='ipm', alpha=6.0),
-    'eva': lambda: eva(TARGETS, rank=3, rho=2.0),
-    'lora_ga': lambda: lora_ga(TARGETS, rank=3, alpha=6.0, rank_pattern={'intermediate': 2}),
-}
-
-
-@pytest.mark.parametrize('name', list(METHODS))
-def test_weights_and_outputs_at_init_equal_the_base(name):
-  params, batches, cal = setup(0)
-  adapter = METHODS[name]()
-  frozen, state = adapter.init(jax.random.key(1), params, calib=cal)
-  assert state and all(float(jnp.abs(ab['a']).max()) > 0 for ab in state.values())
-  merged = pj.merge(adapter, frozen, state)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), merged, params)
-  if name != 'eva':  # the frozen tree is re-based on a residual
-    target = next(iter(state))
-    assert float(jnp.abs(P.flatten(pj.materialize(frozen))[target]
-                         - P.flatten(params)[target]).max()) > 1e-4
-  np.testing.assert_allclose(run(adapter.apply(frozen, state), batches[0]),
-                             run(params, batches[0]), atol=1e-4)
-  state = randomize(state, 2)  # structured leaves == merged tree once trained
-  np.testing.assert_allclose(run(adapter.apply(frozen, state), batches[1]),
-                             run(pj.merge(adapter, frozen, state), batches[1]), atol=1e-4)
 
 
 @pytest.mark.parametrize('mode', ['kpm', 'ipm'])
@@ -246,22 +216,11 @@ def test_trainable_counts_follow_the_formulas():
   assert pj.num_params(state) == sum(i['rank'] * sum(flat[p].shape) for p, i in info.items())
 
 
-@pytest.mark.parametrize('name', ['corda_kpm', 'eva', 'lora_ga'])
-def test_save_load_round_trip_needs_no_calibration_data(name, tmp_path):
-  params, batches, cal = setup(0)
-  adapter = METHODS[name]()
-  frozen, state = adapter.init(jax.random.key(0), params, calib=cal)
-  state = randomize(state, 3)
-  save_adapter(tmp_path, adapter, frozen, state)
-  loaded, frozen2, state2, _, meta = load_adapter(tmp_path, params)
-  assert meta['method'] == adapter.config and from_config(adapter.config).config == adapter.config
-  jax.tree.map(np.testing.assert_array_equal, state2, state)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               pj.materialize(frozen2), pj.materialize(frozen))
-  np.testing.assert_allclose(run(loaded.apply(frozen2, state2), batches[0]),
-                             run(adapter.apply(frozen, state), batches[0]), atol=1e-5)
-  with pytest.raises(ValueError, match='calib=Calibration'):
-    adapter.init(jax.random.key(0), params)
+def test_init_without_calibration_data_is_a_clear_error():
+  params, _, _ = setup(0)
+  for adapter in (corda(TARGETS), eva(TARGETS), lora_ga(TARGETS)):
+    with pytest.raises(ValueError, match='calib=Calibration'):
+      adapter.init(jax.random.key(0), params)
 
 
 def test_trainer_runs_corda_end_to_end(tmp_path):

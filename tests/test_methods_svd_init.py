@@ -1,4 +1,5 @@
-"""PiSSA, MiLoRA/SoMA, SORSA, SVFit, LoLDU, SoKA: exact at init, counts, round trips."""
+"""PiSSA, MiLoRA/SoMA, SORSA, SVFit, LoLDU, SoKA: factors against numpy / scipy, counts, SORSA's
+regulariser, chains, errors (what every method promises is in test_methods_contract)."""
 from __future__ import annotations
 
 import functools
@@ -15,11 +16,8 @@ import peftjax as pj
 from peftjax.core import linalg
 from peftjax.core import paths as P
 from peftjax.core.adapter import describe_targets
-from peftjax.core.leaves import LowRank, dense, is_structured, materialize
-from peftjax.io.adapter_file import load_adapter, save_adapter
-from peftjax.methods import REGISTRY
+from peftjax.core.leaves import LowRank, dense, materialize
 from peftjax.methods import svd_init as S
-from peftjax.models.bert import Bert, BertConfig
 
 METHODS = {
     'pissa': lambda: S.pissa('kernel', rank=4, rank_pattern={'out': 2}),
@@ -70,25 +68,6 @@ def expected_trainable(method, shape, r):
 
 
 @pytest.mark.parametrize('name', list(METHODS))
-@pytest.mark.parametrize('seed', [0, 1])
-def test_effective_weight_and_outputs_equal_the_base_at_init(name, seed):
-  adapter, p, frozen, state = initialised(name, seed)
-  merged, flat_p, flat_f = pj.merge(adapter, frozen, state), P.flatten(p), P.flatten(frozen)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), merged, p)
-  x = jnp.asarray(np.random.default_rng(seed + 7).standard_normal((5, 24)), jnp.float32)
-  applied = P.flatten(adapter.apply(frozen, state))
-  for path in state:
-    np.testing.assert_allclose(dense(x[:, :flat_p[path].shape[0]], applied[path]),
-                               x[:, :flat_p[path].shape[0]] @ flat_p[path], atol=1e-5)
-    assert flat_f[path].shape == flat_p[path].shape
-    residual = materialize(flat_f[path])
-    assert float(jnp.abs(residual - flat_p[path]).max()) > 1e-3  # re-based on a residual
-  for path, leaf in flat_p.items():  # everything else is the very same array
-    if path not in state:
-      assert flat_f[path] is leaf
-
-
-@pytest.mark.parametrize('name', list(METHODS))
 def test_trainable_counts_follow_the_formula(name):
   adapter, p, frozen, state = initialised(name, 2)
   method, flat = adapter.config['method'], P.flatten(p)
@@ -108,26 +87,6 @@ def test_trainable_counts_follow_the_formula(name):
   json.dumps(info)  # adapter files store it
   text = pj.summary(adapter, frozen, state)
   assert f'method: {method}' in text and f'trainable params: {total:,}' in text
-
-
-def test_bert_outputs_are_unchanged_at_init():
-  cfg = BertConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)
-  k1, k2 = jax.random.split(jax.random.key(3))
-  ids = jax.random.randint(k2, (2, 6), 1, cfg.vocab_size)
-  mask = jnp.ones_like(ids).at[1, 4:].set(0)
-  p = Bert(cfg).init(k1, ids, mask)['params']
-  run = jax.jit(lambda tree: Bert(cfg).apply({'params': tree}, ids, mask))
-  base = run(p)
-  targets = ['attention/(query|value)/kernel', 'intermediate/kernel']
-  for adapter in (S.pissa(targets, 4), S.milora(targets, 4),
-                  S.sorsa(targets, 4), S.svfit(targets, 4), S.loldu(targets, 4),
-                  S.soka(targets, 'auto')):
-    frozen, state = adapter.init(jax.random.key(0), p)
-    assert len(state) == 3
-    out = run(adapter.apply(frozen, state))
-    np.testing.assert_allclose(out, base, atol=1e-5, err_msg=adapter.config['method'])
-    moved = run(adapter.apply(frozen, perturb(state, 4, 0.5)))
-    assert float(jnp.abs(moved - base).max()) > 1e-3, adapter.config['method']
 
 
 def calc_ortho_reference(state):
@@ -413,35 +372,6 @@ def test_soka_reaches_its_energy_threshold_and_reports_it():
                              atol=1e-5)
 
 
-@pytest.mark.parametrize('name', list(METHODS))
-def test_merge_unmerge_save_load_and_from_config_round_trip(tmp_path, name):
-  adapter, p, frozen, state = initialised(name, 6)
-  trained = perturb(state, 6)
-  merged = pj.merge(adapter, frozen, trained)
-  assert not any(map(is_structured, jax.tree.leaves(merged, is_leaf=is_structured)))
-  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, merged, p)))
-  if name.split('_')[0] in INVERTIBLE:
-    restored = pj.unmerge(adapter, merged, trained)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), restored, frozen)
-  else:
-    assert adapter.unmerge is None
-  save_adapter(tmp_path / 'a', adapter, frozen, trained, base_model='tiny')
-  loaded, frozen2, state2, _, meta = load_adapter(tmp_path / 'a', p, rng=jax.random.key(99))
-  assert loaded.config == adapter.config == meta['method']
-  jax.tree.map(np.testing.assert_array_equal, state2, trained)
-  jax.tree.map(np.testing.assert_array_equal, frozen2, frozen)
-  jax.tree.map(np.testing.assert_array_equal, pj.merge(loaded, frozen2, state2), merged)
-  rebuilt = pj.from_config(json.loads(json.dumps(adapter.config)))
-  assert rebuilt.config == adapter.config
-  frozen3, state3 = rebuilt.init(jax.random.key(5), p)
-  jax.tree.map(np.testing.assert_array_equal, (frozen3, state3), (frozen, state))
-  leaves = lambda t: jax.tree.leaves(t, is_leaf=is_structured)
-  for x, y in zip(leaves(adapter.apply(frozen, trained)), leaves(rebuilt.apply(frozen3, trained))):
-    assert type(x) is type(y)
-    if isinstance(x, LowRank):
-      assert (x.scale, x.dropout) == (y.scale, y.dropout)
-
-
 def test_chains_with_lora():
   p = params(7)
   for first in (S.pissa('query/kernel', 3), S.svfit('query/kernel', 3), S.soka('query/kernel', 2)):
@@ -501,12 +431,3 @@ def test_low_precision_weights_keep_their_dtype():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
         np.asarray(a, np.float32), np.asarray(b, np.float32), atol=0.05),
         pj.merge(adapter, frozen, state), p)
-
-
-def test_configs_are_plain_json_and_registered():
-  for make in METHODS.values():
-    config = make().config
-    assert json.loads(json.dumps(config)) == config
-    assert pj.from_config(config).config == config
-  for name in ('pissa', 'milora', 'soma', 'sorsa', 'svfit', 'loldu', 'soka'):
-    assert REGISTRY[name] is getattr(S, name)

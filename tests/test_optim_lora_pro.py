@@ -13,7 +13,6 @@ import scipy.linalg
 
 import peftjax as pj
 from peftjax import methods
-from peftjax.io.adapter_file import load_adapter, save_adapter
 from peftjax.methods.lora_pro import lora_pro, scales
 from peftjax.optim.lora_pro import adjusted_grads, lora_pro_adamw
 from peftjax.optim.lora_pro import lora_pro as lora_pro_transform
@@ -282,18 +281,6 @@ def test_from_config_rebuilds_it():
   assert scales(config)('enc/value/kernel') == 4.0 / np.sqrt(3)
   jax.tree.map(np.testing.assert_array_equal, rebuilt.tx.update(grads, None, state)[0],
                adapter.tx.update(grads, None, state)[0])
-
-
-def test_save_load_round_trip(tmp_path):
-  adapter, p = lora_pro('kernel', rank=2, alpha=4.0), tiny_params(1)
-  frozen, state = adapter.init(jax.random.key(0), p)
-  state = randomized(state, 3)
-  save_adapter(tmp_path / 'a', adapter, frozen, state, base_model='tiny')
-  loaded, frozen2, state2, _, meta = load_adapter(tmp_path / 'a', p)
-  assert loaded.config == adapter.config == meta['method'] and loaded.tx is not None
-  jax.tree.map(np.testing.assert_array_equal, state2, state)
-  jax.tree.map(np.testing.assert_array_equal, pj.merge(loaded, frozen2, state2),
-               pj.merge(adapter, frozen, state))
 
 
 def test_raw_gradients_are_clipped_before_the_adjustment(optimizer_input):

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from peftjax import methods
 from peftjax.core import paths
+from peftjax.core.calib import CalibratedResidual
 from peftjax.core.leaves import LowRank
 from peftjax.models import TINY_BERT, build
 from peftjax.parallel import sharding as PS
@@ -94,7 +95,11 @@ def test_structured_leaves_and_vectors_inherit(mesh):
                                 1.0)},
           'svd': {Q: {'u': jnp.zeros((32, 4)), 's': jnp.zeros(4), 'vt': jnp.zeros((4, 48))}},
           'ssf': {Q: {'scale': jnp.zeros(48), 'shift_in': jnp.zeros(32)}},
-          'chain': ({Q: {'a': jnp.zeros((32, 4))}},)}
+          'chain': ({Q: {'a': jnp.zeros((32, 4))}},),
+          'calibrated': {Q: CalibratedResidual(jnp.zeros((32, 48)), jnp.zeros((32, 4)),
+                                               jnp.zeros((4, 48)))},
+          'any_key': {Q: {'left': jnp.zeros((32, 4)), 'right': jnp.zeros((4, 48)),
+                          'moment': jnp.zeros((32, 48)), 'kron': jnp.zeros((4, 4, 6))}}}
   specs = {paths.path_str(path): s.spec for path, s in
            jax.tree_util.tree_leaves_with_path(PS.shardings(tree, base, mesh))}
   assert specs[f'frozen/{Q}/w'] == P('fsdp', 'tensor')
@@ -106,6 +111,14 @@ def test_structured_leaves_and_vectors_inherit(mesh):
   assert specs[f'ssf/{Q}/scale'] == P('tensor')
   assert specs[f'ssf/{Q}/shift_in'] == P('fsdp')
   assert specs[f'chain/0/{Q}/a'] == P('fsdp', None)
+  # CorDA's and LoRA-GA's frozen factors, and factors under any key: sharded by their shape.
+  assert specs[f'calibrated/{Q}/w'] == P('fsdp', 'tensor')
+  assert specs[f'calibrated/{Q}/a'] == P('fsdp', None)
+  assert specs[f'calibrated/{Q}/b'] == P(None, 'tensor')
+  assert specs[f'any_key/{Q}/left'] == P('fsdp', None)
+  assert specs[f'any_key/{Q}/right'] == P(None, 'tensor')
+  assert specs[f'any_key/{Q}/moment'] == P('fsdp', 'tensor')
+  assert specs[f'any_key/{Q}/kron'] == P()
 
 
 def test_a_model_without_logical_axes_is_replicated_with_a_warning(backbone, mesh, caplog):

@@ -245,7 +245,7 @@ def _merge(kind, old, new):
   return tuple(o + n for o, n in zip(old, new))
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class  # key paths end in w / a / b, as LowRank's
 class CalibratedResidual(LowRank):
   """A frozen residual `w` that keeps the data-derived initial factors `a`, `b` it was made
   with (`w = W - scale * a @ b`). Its value is `w` (the delta is off: scale 0); adapter files

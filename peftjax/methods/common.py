@@ -25,14 +25,16 @@ def select_matrices(params, targets, **overrides) -> tuple[dict, list[str]]:
   return flat, chosen
 
 
-def check_rank(name: str, path: str, r, shape, *, factor: int = 1,
+def check_rank(name: str, path: str | None, r, shape=None, *, factor: int = 1,
                limit: int | None = None) -> int:
-  """`r` if it is a positive int with factor * r <= min(shape) (or r <= `limit`)."""
+  """`r` if it is a positive int with factor * r <= min(shape), or r <= `limit` if given
+  (no bound without either): the rank check of every method."""
   if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-    raise ValueError(f'{name} rank for {path} must be a positive int, got {r!r}')
+    where = '' if path is None else f' for {path}'
+    raise ValueError(f'{name} rank{where} must be a positive int, got {r!r}')
   if limit is not None and r > limit:
     raise ValueError(f'{name} rank {r} exceeds the Kronecker rank {limit} of {path}')
-  if limit is None and factor * r > min(shape):
+  if limit is None and shape is not None and factor * r > min(shape):
     raise ValueError(f'{name} needs {factor} * rank <= min{tuple(shape)} of {path}; rank is {r}'
                      if factor > 1 else f'{name} rank {r} exceeds min{tuple(shape)} of {path}')
   return r

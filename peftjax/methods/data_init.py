@@ -28,51 +28,18 @@ import numpy as np
 from peftjax.core import calib as C
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
-from peftjax.core.leaves import LowRank, materialize
+from peftjax.core.leaves import materialize
 from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
+from peftjax.methods.low_rank import low_rank, scaling
 
 CORDA_MODES = ('kpm', 'ipm')
 _HI = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def _base(leaf):
-  """The weight an adapted frozen leaf stands for (a `CalibratedResidual`'s residual)."""
-  return leaf.w if isinstance(leaf, C.CalibratedResidual) else leaf
-
-
-def _apply(name, scale, dropout):
-  def apply(frozen, state):
-    flat = P.flatten(frozen)
-    for path, ab in state.items():
-      w = _base(flat[path])
-      chex.assert_shape(ab['a'], (w.shape[0], None), custom_message=f'{name} A of {path}')
-      chex.assert_shape(ab['b'], (ab['a'].shape[1], w.shape[1]),
-                        custom_message=f'{name} B of {path}')
-      flat[path] = LowRank(w, ab['a'], ab['b'], scale(ab['a'].shape[1]), dropout)
-    return P.unflatten(flat)
-  return apply
-
-
-def _describe(scale, targets=None):
-  """Per target: shape, trainable count, rank and scale (with `targets`, rank-0 ones too)."""
-  def describe(frozen, state):
-    flat = P.flatten(frozen)
-    out = {}
-    for path in (P.select({p: v for p, v in flat.items() if v.ndim == 2}, targets)
-                 if targets is not None else state):
-      ab = state.get(path)
-      r = 0 if ab is None else int(ab['a'].shape[1])
-      out[path] = {'shape': list(flat[path].shape),
-                   'trainable': 0 if ab is None else int(ab['a'].size + ab['b'].size),
-                   'rank': r, 'scale': scale(r) if r else 0.0}
-    return out
-  return describe
-
-
 def _rebased(name, config, *, scale, factor, stats, factorise, rank_pattern, dropout) -> Adapter:
-  """CorDA and LoRA-GA: per target `factorise(w, r, stat) -> (a0, b0)` (float32), a frozen
-  `CalibratedResidual(W - scale * a0 @ b0, a0, b0)` and a state starting at (a0, b0)."""
+  """CorDA and LoRA-GA: per target `factorise(w, r, stat, scale) -> (a0, b0)` (float32), a
+  frozen `CalibratedResidual(W - scale * a0 @ b0, a0, b0)` and a state starting at (a0, b0)."""
 
   def init(rng, params, *, calib=None):
     del rng
@@ -84,7 +51,8 @@ def _rebased(name, config, *, scale, factor, stats, factorise, rank_pattern, dro
       pairs = ((p, _restored(name, calib, p)) for p in chosen)
     else:
       source = C.live(name, calib)
-      pairs = ((p, factorise(weights[p].astype(jnp.float32), ranks[p], stat))
+      pairs = ((p, factorise(weights[p].astype(jnp.float32), ranks[p], stat,
+                             scale(p, ranks[p])))
                for p, stat in stats(source, chosen))
     state = {}
     for path, (a, b) in pairs:
@@ -93,15 +61,14 @@ def _rebased(name, config, *, scale, factor, stats, factorise, rank_pattern, dro
       if a.shape != (w.shape[0], r) or b.shape != (r, w.shape[1]):
         raise ValueError(f'{name}: factors of {path} are {a.shape} and {b.shape}; expected '
                          f'{(w.shape[0], r)} and {(r, w.shape[1])}')
-      residual = w.astype(jnp.float32) - scale(r) * jnp.matmul(
+      residual = w.astype(jnp.float32) - scale(path, r) * jnp.matmul(
           a.astype(jnp.float32), b.astype(jnp.float32), precision=_HI)
       flat[path] = C.CalibratedResidual(residual.astype(w.dtype), a, b)
       # Copies: the trainer donates the state's buffers, which the frozen tree must outlive.
       state[path] = {'a': jnp.copy(a), 'b': jnp.copy(b)}
     return P.unflatten(flat), state
 
-  return Adapter(init=init, apply=_apply(name, scale, dropout), config=config,
-                 describe=_describe(scale))
+  return low_rank(name, config, init, scale, dropout=dropout, invertible=False)
 
 
 def _restored(name, calib: C.Restored, path):
@@ -147,16 +114,17 @@ def corda(targets, rank: int = 8, *, mode: str = 'kpm', alpha: float | None = No
   config = dict(method='corda', targets=target_list(targets), rank=rank, mode=mode, alpha=alpha,
                 damping=damping, rank_pattern=dict(rank_pattern or {}), dropout=dropout)
 
-  def scale(r):
-    return 1.0 if alpha is None else alpha / r
+  def scale(path, r):
+    del path
+    return scaling(alpha, r)
 
-  def factorise(w, r, cov):
+  def factorise(w, r, cov, scale):
     chex.assert_shape(cov, (w.shape[0], w.shape[0]), custom_message='corda covariance')
     ct = damped_covariance(cov, damping)
     u, s, vt = jnp.linalg.svd(jnp.matmul(ct, w, precision=_HI), full_matrices=False)
     k = s.shape[0]
     sel = slice(0, r) if mode == 'ipm' else slice(k - r, k)
-    root = jnp.sqrt(s[sel] / scale(r))
+    root = jnp.sqrt(s[sel] / scale)
     return jnp.linalg.solve(ct, u[:, sel]) * root, root[:, None] * vt[sel]
 
   return _rebased('corda', config, scale=scale, factor=1,
@@ -203,8 +171,7 @@ def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
   `adjust_scaling_factors` defaults to False as in the authors' code (ml-jku/EVA); HF PEFT's
   `EvaConfig` defaults to True.
   """
-  if not (isinstance(rank, int) and rank > 0):
-    raise ValueError(f'eva rank must be a positive int, got {rank!r}')
+  check_rank('eva', None, rank)
   if not rho >= 1.0:
     raise ValueError(f'eva rho must be >= 1, got {rho}')
   check_dropout('eva', dropout)
@@ -212,8 +179,9 @@ def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
                 whiten=whiten, adjust_scaling_factors=adjust_scaling_factors,
                 max_rows=max_rows, dropout=dropout)
 
-  def scale(r):
-    return alpha / rank if adjust_scaling_factors else alpha / r
+  def scale(path, r):
+    del path
+    return scaling(alpha, rank if adjust_scaling_factors else r)
 
   def init(rng, params, *, calib=None):
     del rng
@@ -237,15 +205,7 @@ def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
                        'b': jnp.zeros((r, w.shape[1]), w.dtype)}
     return params, state
 
-  def unmerge(merged, state):
-    flat = P.flatten(merged)
-    for path, ab in state.items():
-      r = ab['a'].shape[1]
-      flat[path] = flat[path] - (ab['a'] @ ab['b'] * scale(r)).astype(flat[path].dtype)
-    return P.unflatten(flat)
-
-  return Adapter(init=init, apply=_apply('eva', scale, dropout), config=config,
-                 unmerge=unmerge, describe=_describe(scale, config['targets']))
+  return low_rank('eva', config, init, scale, dropout=dropout, every_target=True)
 
 
 # ----------------------------------------------------------------------------------- LoRA-GA
@@ -277,10 +237,12 @@ def lora_ga(targets, rank: int = 8, alpha: float = 16.0, *, direction: str = 'Ar
                 direction=direction, stable_gamma=stable_gamma, rslora=rslora,
                 rank_pattern=dict(rank_pattern or {}), dropout=dropout)
 
-  def scale(r):
-    return alpha / math.sqrt(r) if rslora else alpha / r
+  def scale(path, r):
+    del path
+    return scaling(alpha, r, rslora)
 
-  def factorise(w, r, grad):
+  def factorise(w, r, grad, scale):
+    del scale
     chex.assert_shape(grad, w.shape, custom_message='lora_ga gradient')
     u, _, vt = jnp.linalg.svd(jnp.asarray(grad, jnp.float32), full_matrices=False)
     if direction == 'ArB2r':

@@ -8,21 +8,25 @@ rsLoRA: "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (Kalajdz
 from __future__ import annotations
 
 import math
+from typing import Callable
 
-import chex
 import jax
 import jax.numpy as jnp
 
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
-from peftjax.core.leaves import LowRank
-from peftjax.methods.common import check_dropout, select_matrices, target_list
+from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
+from peftjax.methods.low_rank import low_rank, scaling
 
 INITS = ('zeros', 'kaiming_uniform', 'gaussian', 'orthogonal')
 
 
-def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
-  return alpha / math.sqrt(rank) if rslora else alpha / rank
+def scale_of(config: dict) -> Callable[[str, int], float]:
+  """`(path, r) -> scale` of a lora / rslora / lora_pro config (alpha per `alpha_pattern`)."""
+  def scale(path, r):
+    alpha = P.first_match(path, config.get('alpha_pattern'), config['alpha'])
+    return scaling(alpha, r, config.get('rslora', False))
+  return scale
 
 
 def _init(kind: str, key, shape, rank: int, fan_in: int, dtype):
@@ -60,13 +64,6 @@ def lora(targets, rank: int = 8, alpha: float = 16.0, *, dropout: float = 0.0,
                 rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
                 init_a=init_a, init_b=init_b)
 
-  def hyper(path):
-    r = P.first_match(path, rank_pattern, rank)
-    a = P.first_match(path, alpha_pattern, alpha)
-    if not (isinstance(r, int) and r > 0):
-      raise ValueError(f'LoRA rank for {path} must be a positive int, got {r!r}')
-    return r, scaling(a, r, rslora)
-
   def init(rng, params, *, calib=None):
     del calib
     flat, chosen = select_matrices(params, config['targets'], rank_pattern=rank_pattern,
@@ -74,37 +71,13 @@ def lora(targets, rank: int = 8, alpha: float = 16.0, *, dropout: float = 0.0,
     state = {}
     for key, path in zip(jax.random.split(rng, len(chosen)), chosen):
       w = flat[path]
-      (d_in, d_out), (r, _) = w.shape, hyper(path)
-      if r > min(d_in, d_out):
-        raise ValueError(f'LoRA rank {r} exceeds min{tuple(w.shape)} of {path}')
-      ka, kb = jax.random.split(key)
+      r = check_rank('LoRA', path, P.first_match(path, rank_pattern, rank), w.shape)
+      (d_in, d_out), (ka, kb) = w.shape, jax.random.split(key)
       state[path] = {'a': _init(init_a, ka, (d_in, r), r, d_in, w.dtype),
                      'b': _init(init_b, kb, (r, d_out), r, r, w.dtype)}
     return params, state
 
-  def apply(frozen, state):
-    flat = P.flatten(frozen)
-    for path, ab in state.items():
-      w = flat[path]
-      chex.assert_shape(ab['a'], (w.shape[0], None), custom_message=f'LoRA A of {path}')
-      chex.assert_shape(ab['b'], (ab['a'].shape[1], w.shape[1]),
-                        custom_message=f'LoRA B of {path}')
-      flat[path] = LowRank(w, ab['a'], ab['b'], hyper(path)[1], dropout)
-    return P.unflatten(flat)
-
-  def unmerge(merged, state):
-    flat = P.flatten(merged)
-    for path, ab in state.items():
-      flat[path] = flat[path] - (ab['a'] @ ab['b'] * hyper(path)[1]).astype(flat[path].dtype)
-    return P.unflatten(flat)
-
-  def describe(frozen, state):
-    flat = P.flatten(frozen)
-    return {path: {'shape': list(flat[path].shape), 'trainable': ab['a'].size + ab['b'].size,
-                   'rank': int(ab['a'].shape[1]), 'scale': hyper(path)[1]}
-            for path, ab in state.items()}
-
-  return Adapter(init=init, apply=apply, config=config, unmerge=unmerge, describe=describe)
+  return low_rank('LoRA', config, init, scale_of(config), dropout=dropout)
 
 
 def rslora(targets, rank: int = 8, alpha: float = 16.0, **kwargs) -> Adapter:

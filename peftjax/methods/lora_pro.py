@@ -13,17 +13,14 @@ from typing import Callable
 
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
-from peftjax.methods.lora import lora, scaling
+from peftjax.methods.lora import lora, scale_of
 from peftjax.optim.lora_pro import lora_pro as lora_pro_transform
 
 
 def scales(config: dict) -> Callable[[str], float]:
   """The LoRA scale of each target path, from a lora / rslora / lora_pro config."""
-  def scale(path):
-    r = P.first_match(path, config.get('rank_pattern'), config['rank'])
-    a = P.first_match(path, config.get('alpha_pattern'), config['alpha'])
-    return scaling(a, r, config.get('rslora', False))
-  return scale
+  scale = scale_of(config)
+  return lambda path: scale(path, P.first_match(path, config.get('rank_pattern'), config['rank']))
 
 
 def lora_pro(targets, rank: int = 8, alpha: float = 16.0, *, x_mode: str = 'sylvester',

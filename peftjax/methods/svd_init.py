@@ -31,6 +31,7 @@ from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter, is_entry
 from peftjax.core.leaves import LowRank, materialize
 from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
+from peftjax.methods.low_rank import low_rank, scaling
 
 KRON_RANKS = ('auto', 'energy', 'elbow')
 
@@ -77,8 +78,9 @@ def _principal(name, targets, rank, alpha, *, minor, niter=None, seed=0, rank_pa
   if not minor:
     config |= dict(niter=niter, seed=seed)
 
-  def scale(r):
-    return 1.0 if alpha is None else alpha / r
+  def scale(path, r):
+    del path
+    return scaling(alpha, r)
 
   def init(rng, params, *, calib=None):
     del rng, calib
@@ -88,30 +90,13 @@ def _principal(name, targets, rank, alpha, *, minor, niter=None, seed=0, rank_pa
       w = materialize(flat[path])
       r = check_rank(name, path, P.first_match(path, rank_pattern, rank), w.shape)
       u, s, vt = linalg.svd_bottom(w, r) if minor else _top(w, r, niter, seed, path)
-      root = jnp.sqrt(s / scale(r))
+      root = jnp.sqrt(s / scale(path, r))
       a, b = u * root, root[:, None] * vt
-      flat[path] = (w - scale(r) * (a @ b)).astype(w.dtype)
+      flat[path] = (w - scale(path, r) * (a @ b)).astype(w.dtype)
       state[path] = {'a': a.astype(w.dtype), 'b': b.astype(w.dtype)}
     return P.unflatten(flat), state
 
-  def leaf(path, w, ab):
-    chex.assert_shape(ab['a'], (w.shape[0], None), custom_message=f'{name} A of {path}')
-    chex.assert_shape(ab['b'], (ab['a'].shape[1], w.shape[1]),
-                      custom_message=f'{name} B of {path}')
-    return LowRank(w, ab['a'], ab['b'], scale(ab['a'].shape[1]), dropout)
-
-  def unmerge(merged, state):
-    return _rebuild(merged, state, lambda p, m, ab: m - (
-        ab['a'] @ ab['b'] * scale(ab['a'].shape[1])).astype(m.dtype))
-
-  def describe(frozen, state):
-    flat = P.flatten(frozen)
-    return {p: _info(flat[p], ab['a'].size + ab['b'].size, rank=int(ab['a'].shape[1]),
-                     scale=scale(ab['a'].shape[1]))
-            for p, ab in state.items()}
-
-  return Adapter(init=init, apply=lambda frozen, state: _rebuild(frozen, state, leaf),
-                 config=config, unmerge=unmerge, describe=describe)
+  return low_rank(name, config, init, scale, dropout=dropout)
 
 
 def pissa(targets, rank: int = 8, alpha: float | None = None, *, niter: int | None = None,
@@ -321,7 +306,7 @@ def loldu(targets, rank: int = 8, alpha: float | None = 1.0, *,
       r = check_rank('loldu', path, P.first_match(path, rank_pattern, rank), w.shape)
       p, l, d, u = linalg.ldu(w.T)
       a, b, d = u[:r].T, (p @ l[:, :r]).T, d[:r]
-      scale = 1.0 if alpha is None else alpha / r
+      scale = scaling(alpha, r)
       residual = (w - scale * (a * d) @ b).astype(w.dtype)
       flat[path] = LowRank(residual, a.astype(w.dtype), b.astype(w.dtype), 0.0)
       state[path] = {'d': d.astype(w.dtype), 'scale': jnp.asarray(scale, w.dtype)}

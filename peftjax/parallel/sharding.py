@@ -7,8 +7,9 @@ contains a base param's path (an adapter state `{path: {'a', 'b'}}`, a frozen `L
 leaf, the optimiser's moments of either) takes that param's sharding:
 
 - a leaf of the param's shape: the param's spec;
-- a low-rank factor (`a`/`u`: in x r, `b`/`vt`: r x out): the param's in / out axis, rank
-  axis unsharded (as qwix and MaxText shard LoRA);
+- a leaf of the param's rank, e.g. a low-rank factor (in x r, r x out) whatever its key: each
+  dimension of the param's size there is sharded like the param's, the others (the rank)
+  not (as qwix and MaxText shard LoRA);
 - a vector over the param's out (or in) axis, e.g. SSF scales: that axis's spec;
 - anything else (ranks' singular values, scalars, the head, step counters): replicated.
 
@@ -37,10 +38,6 @@ RULES: tuple[tuple[str, Any], ...] = (
     ('norm', None),
     ('position', None),
 )
-
-IN_FACTORS = ('a', 'u')    # (in, r)
-OUT_FACTORS = ('b', 'vt')  # (r, out)
-
 
 def axes_from_table(table: Sequence[tuple[str, tuple]]) -> Callable[[str], tuple]:
   """`path -> logical axes` from `(regex, axes)` rows; the first row that matches wins."""
@@ -120,20 +117,15 @@ def _inherit(segments: list[str], shape: tuple, base) -> PartitionSpec:
     for j in range(len(segments), i, -1):
       hit = base.get(P.SEP.join(segments[i:j]))
       if hit is not None:
-        return _role(segments[j:], shape, *hit)
+        return _derived(shape, *hit)
   return PartitionSpec()
 
 
-def _role(rest: list[str], shape: tuple, spec: PartitionSpec, base_shape: tuple):
+def _derived(shape: tuple, spec: PartitionSpec, base_shape: tuple):
   spec = tuple(spec) + (None,) * (len(base_shape) - len(spec))
-  role = rest[-1] if rest else ''
-  if shape == base_shape:
-    return PartitionSpec(*spec)
-  if len(base_shape) == 2 and len(shape) == 2:
-    if role in IN_FACTORS and shape[0] == base_shape[0]:
-      return PartitionSpec(spec[0], None)
-    if role in OUT_FACTORS and shape[1] == base_shape[1]:
-      return PartitionSpec(None, spec[1])
+  if len(shape) == len(base_shape):
+    kept = [s if n == m else None for s, n, m in zip(spec, shape, base_shape)]
+    return PartitionSpec(*kept) if any(kept) or shape == base_shape else PartitionSpec()
   if len(shape) == 1:
     for axis in reversed(range(len(base_shape))):  # the out axis first
       if base_shape[axis] == shape[0]:

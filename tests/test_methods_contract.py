@@ -1,0 +1,222 @@
+"""The method contract, checked for every registered method and a chain on a tiny Flax MLP:
+unchanged at init, merge == structured apply, exact file round trips, configs that rebuild
+the method, unmerge where offered, and shardings derived from the base weights."""
+from __future__ import annotations
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as Spec
+
+import peftjax as pj
+from peftjax.core import calib as C
+from peftjax.core import paths as P
+from peftjax.core.adapter import describe_targets
+from peftjax.core.leaves import LowRank, is_structured
+from peftjax.io.adapter_file import load_adapter, save_adapter
+from peftjax.methods import REGISTRY
+from peftjax.models.bert import Dense
+from peftjax.parallel import sharding as PS
+from peftjax.parallel.mesh import make_mesh
+
+# Every kernel dimension (8, 12, 6) differs from every rank, so each leaf's dimensions say
+# which of the weight's they are.
+CASES = {
+    'lora': lambda: pj.lora('kernel', rank=2, alpha=6.0, dropout=0.1, init_a='gaussian',
+                            rank_pattern={'down': 3}, alpha_pattern={'up': 3.0}),
+    'rslora': lambda: pj.rslora('kernel', rank=3, alpha=5.0, rank_pattern={'up': 2}),
+    'lora_pro': lambda: pj.lora_pro('kernel', rank=2, alpha=4.0, x_mode='zero', damping=1e-6),
+    'full': lambda: pj.full(['down/', 'up/bias']),
+    'probe': pj.probe,
+    'pissa': lambda: pj.pissa('kernel', rank=2, alpha=6.0, niter=2, seed=3, dropout=0.1,
+                              rank_pattern={'down': 3}),
+    'milora': lambda: pj.milora('kernel', rank=2, alpha=2.0),
+    'soma': lambda: pj.soma('down/kernel', rank=3, alpha=9.0),
+    'sorsa': lambda: pj.sorsa('kernel', rank=2, gamma=0.1, rank_pattern={'down': 3}),
+    'svfit': lambda: pj.svfit('kernel', rank=None, energy=0.5),
+    'loldu': lambda: pj.loldu('kernel', rank=3, alpha=6.0, rank_pattern={'down': 2}),
+    'soka': lambda: pj.soka('kernel', 'energy', energy=0.8, max_rank=3),
+    'corda': lambda: pj.corda('kernel', rank=2, mode='ipm', alpha=4.0, damping=0.05,
+                              dropout=0.1, rank_pattern={'down': 3}),
+    'eva': lambda: pj.eva('kernel', rank=2, rho=1.5, alpha=8.0, whiten=True,
+                          adjust_scaling_factors=True),
+    'lora_ga': lambda: pj.lora_ga('kernel', rank=2, alpha=8.0, direction='A2rBr',
+                                  stable_gamma=4.0, rslora=True, rank_pattern={'down': 3}),
+    'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
+                              pj.lora('kernel', rank=2, alpha=3.0)),
+}
+NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga'}
+AXES = PS.axes_from_table([('up/kernel', ('embed', 'mlp')), ('up/bias', ('mlp',)),
+                           ('down/kernel', ('mlp', 'embed')), ('down/bias', ('embed',))])
+
+
+class MLP(nn.Module):
+  """up (8, 12), tanh, down (12, 6); `Dense` runs structured kernels too."""
+
+  @nn.compact
+  def __call__(self, x):
+    return Dense(6, name='down')(jnp.tanh(Dense(12, name='up')(x)))
+
+
+def forward(params, batch):
+  return MLP().apply({'params': params}, batch['x'])
+
+
+def loss_fn(params, batch):
+  return jnp.mean((forward(params, batch) - batch['y']) ** 2)
+
+
+@functools.lru_cache(maxsize=None)
+def model():
+  """Params of unit-scale rows, three batches and a Calibration on them."""
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  batches = [{'x': normal(16, 8), 'y': normal(16, 6)} for _ in range(3)]
+  shapes = MLP().init(jax.random.key(0), batches[0]['x'])['params']
+  params = jax.tree.map(lambda x: normal(*x.shape) / np.sqrt(x.shape[0]), shapes)
+  return params, batches, C.Calibration(forward, params, batches, loss_fn=loss_fn)
+
+
+@functools.lru_cache(maxsize=None)
+def initialised(name):
+  adapter = CASES[name]()
+  params, _, cal = model()
+  return adapter, *adapter.init(jax.random.key(1), params, calib=cal)
+
+
+def trained(state, seed=5, std=0.1):
+  """The state moved in every leaf, as after training."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda l: l + jnp.asarray(std * rng.standard_normal(l.shape), l.dtype),
+                      state)
+
+
+def assert_same(x, y):
+  """Equal trees, structured leaves included (their arrays, scale and dropout)."""
+  leaves = lambda t: jax.tree.leaves(t, is_leaf=is_structured)
+  assert jax.tree.structure(x) == jax.tree.structure(y)
+  for a, b in zip(leaves(x), leaves(y)):
+    assert type(a) is type(b)
+    if isinstance(a, LowRank):
+      assert (a.scale, a.dropout) == (b.scale, b.dropout)
+  jax.tree.map(np.testing.assert_array_equal, x, y)
+
+
+def test_every_registered_method_has_a_case():
+  assert set(CASES) == set(REGISTRY) | {'chain'}
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_outputs_are_unchanged_at_init(name):
+  adapter, frozen, state = initialised(name)
+  params, batches, _ = model()
+  merged, base = pj.merge(adapter, frozen, state), forward(params, batches[0])
+  out = forward(adapter.apply(frozen, state), batches[0])
+  flat_f, flat_p = P.flatten(frozen), P.flatten(params)
+  if all(flat_f.get(p) is leaf for p, leaf in flat_p.items() if p in flat_f):  # not re-based
+    np.testing.assert_array_equal(out, base)
+    jax.tree.map(np.testing.assert_array_equal, merged, params)
+  else:  # re-based on a residual: the merged weights are the original ones
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), merged, params)
+    np.testing.assert_allclose(out, base, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_merge_equals_the_structured_apply(name):
+  adapter, frozen, state = initialised(name)
+  params, batches, _ = model()
+  state = trained(state)
+  merged = pj.merge(adapter, frozen, state)
+  assert not any(map(is_structured, jax.tree.leaves(merged, is_leaf=is_structured)))
+  structured = forward(adapter.apply(frozen, state), batches[1])
+  np.testing.assert_allclose(forward(merged, batches[1]), structured, rtol=1e-5, atol=1e-5)
+  if state:
+    assert float(jnp.abs(structured - forward(params, batches[1])).max()) > 1e-3
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_save_load_round_trip_is_exact(name, tmp_path):
+  adapter, frozen, state = initialised(name)
+  params, _, _ = model()
+  state = trained(state)
+  save_adapter(tmp_path, adapter, frozen, state, base_model='tiny')
+  loaded, frozen2, state2, head, meta = load_adapter(tmp_path, params, rng=jax.random.key(9))
+  assert loaded.config == adapter.config == meta['method'] and head is None
+  assert_same(state2, state)
+  assert_same(frozen2, frozen)
+  assert_same(loaded.apply(frozen2, state2), adapter.apply(frozen, state))
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_config_is_json_and_rebuilds_an_equivalent_method(name):
+  adapter, frozen, state = initialised(name)
+  params, _, cal = model()
+  config = json.loads(json.dumps(adapter.config))
+  assert config == adapter.config
+  rebuilt = pj.from_config(config)
+  assert rebuilt.config == adapter.config
+  for field in ('loss', 'tx', 'unmerge', 'describe'):
+    assert (getattr(rebuilt, field) is None) == (getattr(adapter, field) is None), field
+  frozen2, state2 = rebuilt.init(jax.random.key(1), params, calib=cal)
+  assert_same((frozen2, state2), (frozen, state))
+  state = trained(state)
+  assert_same(rebuilt.apply(frozen2, state), adapter.apply(frozen, state))
+  assert describe_targets(rebuilt, frozen2, state) == describe_targets(adapter, frozen, state)
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_describe_counts_the_state(name):
+  adapter, frozen, state = initialised(name)
+  info = describe_targets(adapter, frozen, state)
+  assert json.loads(json.dumps(info)) == info  # adapter files store it
+  assert sum(row['trainable'] for row in info.values()) == pj.num_params(state)
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_unmerge_inverts_merge_where_offered(name):
+  adapter, frozen, state = initialised(name)
+  state = trained(state)
+  merged = pj.merge(adapter, frozen, state)
+  if name in NOT_INVERTIBLE:
+    assert adapter.unmerge is None
+    with pytest.raises(NotImplementedError, match='cannot be unmerged'):
+      pj.unmerge(adapter, merged, state)
+    return
+  restored = pj.unmerge(adapter, merged, state)
+  assert jax.tree.structure(restored) == jax.tree.structure(frozen)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), restored, frozen)
+
+
+def derived_spec(shape, spec, base_shape):
+  """Each dimension of the weight's size there sharded like the weight's, any other (a rank)
+  not; leaves of another rank (singular values, scalars, Kronecker factors) replicated."""
+  if len(shape) != len(base_shape):
+    return Spec()
+  return Spec(*(s if n == m else None for s, n, m in zip(spec, shape, base_shape)))
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_every_state_and_frozen_leaf_shards_like_its_base_weight(name):
+  adapter, frozen, state = initialised(name)
+  params, _, _ = model()
+  mesh = make_mesh(2, 2, 2)
+  base = PS.param_specs(params, AXES, mesh)
+  assert base['up/kernel'][0] == Spec('fsdp', 'tensor')
+  assert base['down/kernel'][0] == Spec('tensor', 'fsdp')
+  tree = {'frozen': frozen, 'state': state}
+  got = jax.tree_util.tree_leaves_with_path(PS.shardings(tree, base, mesh))
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  assert len(got) == len(leaves)
+  for (key_path, leaf), (_, sharding) in zip(leaves, got):
+    path = P.path_str(key_path)
+    owner = [p for p in base if f'/{p}/' in f'/{path}/']
+    assert len(owner) == 1, path
+    want = NamedSharding(mesh, derived_spec(leaf.shape, *base[owner[0]]))
+    assert sharding.is_equivalent_to(want, leaf.ndim), (path, leaf.shape, sharding.spec)
+    jax.device_put(leaf, sharding)  # a valid placement
