@@ -14,15 +14,22 @@ alpha 16, EVA against LoRA at alpha 1. Learning rates 3e-5, 3e-4 and 3e-3 for ev
 lr: 5 seeds for the PiSSA and LoRA-GA pairs, 3 for the others. Val loss every 53 steps.
 `--config.only=pissa,lora_ga` runs a subset of the pairs; finished runs are skipped, so a
 stopped study continues where it stopped.
+
+`--config=configs/lowrank_study.py:tiny`: the PiSSA pair alone on a 2-layer random BERT
+(`peftjax.models.TINY_BERT`) and 64 rows, lrs 1e-3 and 3e-2, 2 seeds; minutes on a CPU (the
+study's test runs it).
 """
 import ml_collections
 
 from configs import minilm_vader
+from peftjax.models import TINY_BERT
 
 TARGETS = ('encoder/.*/kernel',)
 
 
-def get_config():
+def get_config(variant: str = ''):
+  if variant not in ('', 'tiny'):
+    raise ValueError(f'unknown variant {variant!r} after the config file\'s ":"; known: tiny')
   base = minilm_vader.get_config()
   base.data.group_by_length = 50
   base.optimizer.update({'schedule': 'cosine', 'warmup_steps': 16, 'weight_decay': 0.0,
@@ -59,4 +66,13 @@ def get_config():
   }, sort_keys=False)  # the order the pairs run in
   c.report_steps = (106, 265, 529)
   c.only = ''
+  if variant == 'tiny':
+    c.base.model = ml_collections.ConfigDict(TINY_BERT)
+    c.base.data.update({'limit': 64, 'max_length': 16})
+    c.base.train.update({'batch_size': 8, 'eval_batch_size': 32, 'eval_every': 3, 'log_every': 3,
+                         'checkpoint_every': 0})
+    c.base.optimizer.warmup_steps = 1
+    c.lrs = (1e-3, 3e-2)
+    c.pairs.pissa.seeds = 2
+    c.report_steps, c.only = (3, 8), 'pissa'
   return c

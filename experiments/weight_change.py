@@ -10,18 +10,8 @@ import pathlib
 
 import numpy as np
 
-from peftjax.core import paths as P
-from peftjax.core.leaves import materialize
-from peftjax.io.adapter_file import load_adapter
+from peftjax.analysis import relative_change
 from peftjax.models import minilm
-
-
-def relative_change(adapter_dir, params) -> dict[str, float]:
-  adapter, frozen, state, _, _ = load_adapter(adapter_dir, params)
-  adapted = P.flatten(materialize(adapter.apply(frozen, state)))
-  base = P.flatten(params)
-  return {p: float(np.linalg.norm(np.asarray(adapted[p]) - base[p]) / np.linalg.norm(base[p]))
-          for p in base if np.ndim(base[p]) == 2 and not np.array_equal(adapted[p], base[p])}
 
 
 def main():

@@ -1,6 +1,8 @@
-"""The step-time benchmark on a tiny random BERT: the command, the report and the torch twin."""
+"""The step-time benchmark on a tiny random BERT: the command (`experiments.bench`), its report
+and the torch twin's plan (`peftjax.benchmark`)."""
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import re
@@ -9,7 +11,7 @@ import sys
 
 import pytest
 
-from experiments import bench
+from peftjax import benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # LoRA r=8 on the 6 encoder matrices of 2 layers (hidden 32, FFN 64) plus a 32 x 2 head.
@@ -25,12 +27,16 @@ def _rows(table: str) -> dict[str, list[str]]:
   return rows
 
 
+def _bench(*args, timeout=120):
+  return subprocess.run(
+      [sys.executable, '-m', 'experiments.bench', '--model', 'tiny', '--steps', '2',
+       '--rounds', '1', '--seq_len', '16', '--warmup', '1', *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def test_command_reports_every_method_with_positive_numbers(tmp_path):
   out = tmp_path / 'bench.json'
-  proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.bench', '--model', 'tiny', '--steps', '2',
-       '--rounds', '1', '--seq_len', '16', '--warmup', '1', '--no-torch', '--json', str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  proc = _bench('--no-torch', '--json', str(out))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| run | trainable params | step ms (median) | steps/s | ratio to full (time) | ' \
          'peak RSS GB |' in proc.stdout
@@ -67,15 +73,15 @@ def test_report_takes_median_over_rounds_and_states_ratios():
              'full': [_fake('full', 'peftjax', 200.0)],
              'torch-lora': [_fake('torch-lora', 'torch', 80.0)],
              'torch-full': [{'name': 'torch-full', 'error': 'exit 1: boom'}]}
-  summary = {n: bench.summarize(r) for n, r in results.items()}
+  summary = {n: benchmark.summarize(r) for n, r in results.items()}
   assert summary['lora']['median_ms'] == 120.0
-  rat = bench.ratios(summary)
+  rat = benchmark.ratios(summary)
   assert rat['to_full'] == {'lora': 0.6, 'full': 1.0}
   assert rat['peftjax_to_torch'] == {'lora': 1.5}
-  args = bench.parse_args(['--rounds', '3'])
+  args = argparse.Namespace(model='minilm', rounds=3, steps=20, warmup=2)
   env = {'batch_shape': [32, 48], 'jax': 'jax x', 'threads': '2 core(s)', 'load_before': '0',
          'load_after': '0', 'wall_s': 1.0, 'busy': None, 'cores_available': 2}
-  text = bench.report(summary, rat, env, {'lora': 'lora()'}, args)
+  text = benchmark.report(summary, rat, env, {'lora': 'lora()'}, args)
   rows = _rows(text)
   assert rows['peftjax lora'][:5] == ['10', '120.0', '8.33', '0.600', '1.00']
   assert rows['torch+PEFT lora'][-1] == '1.500'
@@ -83,22 +89,27 @@ def test_report_takes_median_over_rounds_and_states_ratios():
   assert 'peftjax LoRA ÷ full step time: 0.600' in text
 
 
-def test_torch_twin_trains_what_the_config_trains():
+def test_torch_twin_trains_what_the_config_trains(tmp_path):
   for module in ('torch', 'transformers', 'peft'):
     pytest.importorskip(module)
-  config = bench.load_config('configs.minilm_vader_lora', 'tiny')
-  hf = bench.torch_plan(config, 'tiny')
+  config = benchmark.load_config('configs.minilm_vader_lora', 'tiny')
+  hf = benchmark.torch_plan(config, 'tiny')
   assert len(hf['lora']['target_modules']) == 2 * 6
   assert hf['lora']['r'] == 8 and hf['lora']['lora_alpha'] == 16.0
   assert hf['lora']['lora_dropout'] == 0.1
-  spec = {'name': 'torch-lora', 'framework': 'torch', 'method': 'lora', 'hf': hf, 'seed': 0,
-          'batch_size': 32, 'seq_len': 16, 'steps': 2, 'warmup': 1, 'threads': 1,
-          'optimizer': {k: config.optimizer.get(k) for k in
-                        ('lr', 'weight_decay', 'b1', 'b2', 'eps', 'clip_norm')}}
-  result = bench.measure(spec)
-  assert result['trainable_params'] == TINY_LORA_PARAMS
-  assert result['median_ms'] > 0 and result['peak_rss_gb'] > 0
-  full = bench.torch_plan(bench.load_config('configs.minilm_vader_full', 'tiny'), 'tiny')
+  full = benchmark.torch_plan(benchmark.load_config('configs.minilm_vader_full', 'tiny'), 'tiny')
   assert full['lora'] is None and 'embeddings.word_embeddings.weight' in full['trainable']
-  assert bench.torch_plan(bench.load_config('configs.minilm_vader_probe', 'tiny'),
-                          'tiny') == {**full, 'trainable': []}
+  probe = benchmark.torch_plan(benchmark.load_config('configs.minilm_vader_probe', 'tiny'), 'tiny')
+  assert probe == {**full, 'trainable': []}
+
+  out = tmp_path / 'bench.json'
+  proc = _bench('--methods', 'lora', '--torch_threads', '1', '--json', str(out), timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads(out.read_text())
+  twin = saved['runs']['torch-lora']
+  assert 'error' not in twin, twin['error']
+  assert twin['trainable_params'] == saved['runs']['lora']['trainable_params'] \
+      == TINY_LORA_PARAMS
+  assert twin['median_ms'] > 0 and twin['peak_rss_gb'] > 0
+  assert saved['ratios']['peftjax_to_torch']['lora'] > 0
+  assert '| torch+PEFT lora |' in proc.stdout

@@ -39,6 +39,9 @@ def test_parser_errors(tmp_path):
   path.write_text('1_a\t0.5\tbad id\n')
   with pytest.raises(ValueError, match='not integers'):
     vader.load_domain('nyt', tmp_path)
+  path.write_text('1_1\t0.5\tok\n1_2\thigh\tbad rating\n')
+  with pytest.raises(ValueError, match=r"nytEditorialSnippets_GroundTruth.txt:2: rating 'high'"):
+    vader.load_domain('nyt', tmp_path)
   with pytest.raises(ValueError, match='known: movie, tweets, amazon, nyt'):
     vader.load_domain('imdb', tmp_path)
 

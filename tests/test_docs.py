@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 
@@ -28,6 +31,14 @@ def test_quickstart_commands_match_ci():
   assert len(commands) == 2
   assert commands[1] in (ROOT / '.ci' / 'run').read_text()
   assert 'experiments.run --config=configs/minilm_vader_lora.py' in commands[0]
+
+
+def test_configs_and_commands_import_from_anywhere(tmp_path):
+  """`pip install -e .` installs `configs` and `experiments` beside `peftjax`."""
+  out = subprocess.run([sys.executable, '-c', 'import configs.minilm_vader, experiments.cli'],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+  assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ FF_OUT = 'encoder/layer_1/output/kernel'
 
 
 @pytest.fixture(scope='module')
-def backbone():
+def model():
   return build(ml_collections.ConfigDict(TINY_BERT))
 
 
@@ -35,8 +35,8 @@ def mesh():
   return make_mesh(2, 2, 2)
 
 
-def test_every_bert_param_has_logical_axes(backbone, mesh):
-  specs = PS.param_specs(backbone.params, backbone.logical_axes, mesh)
+def test_every_bert_param_has_logical_axes(model, mesh):
+  specs = PS.param_specs(model.params, model.logical_axes, mesh)
   assert specs[Q][0] == P('fsdp', 'tensor')
   assert specs[O][0] == P('tensor', 'fsdp')
   assert specs[FF_OUT][0] == P('tensor', 'fsdp')
@@ -44,7 +44,7 @@ def test_every_bert_param_has_logical_axes(backbone, mesh):
   assert specs['embeddings/word/embedding'][0] == P('tensor', 'fsdp')
   assert specs['encoder/layer_0/output_norm/scale'][0] == P(None)
   with pytest.raises(ValueError, match="no logical axes for param 'pooler/kernel'"):
-    backbone.logical_axes('pooler/kernel')
+    model.logical_axes('pooler/kernel')
 
 
 def test_rules_drop_axes_that_do_not_divide(mesh):
@@ -59,12 +59,12 @@ def test_rules_drop_axes_that_do_not_divide(mesh):
     PS.logical_to_spec(('embed',), (8, 8), mesh)
 
 
-def test_lora_factors_and_adam_moments_inherit_base_sharding(backbone, mesh):
+def test_lora_factors_and_adam_moments_inherit_base_sharding(model, mesh):
   adapter = methods.lora(['encoder/.*/kernel'], rank=4)
-  frozen, state = adapter.init(jax.random.key(0), backbone.params)
+  frozen, state = adapter.init(jax.random.key(0), model.params)
   tx = optax.adamw(1e-3)
   head = init_head(jax.random.key(1), 32, 2)
-  placed, frozen_dev, _, _ = place(backbone, frozen, {'adapter': state, 'head': head}, tx, mesh)
+  placed, frozen_dev, _, _ = place(model, frozen, {'adapter': state, 'head': head}, tx, mesh)
   lora = placed.trainable['adapter']
   assert lora[Q]['a'].sharding.spec == P('fsdp', None)      # in axis of (embed, heads)
   assert lora[Q]['b'].sharding.spec == P(None, 'tensor')    # out axis, rank unsharded
@@ -81,10 +81,10 @@ def test_lora_factors_and_adam_moments_inherit_base_sharding(backbone, mesh):
   np.testing.assert_array_equal(np.asarray(lora[Q]['a']), np.asarray(state[Q]['a']))
 
 
-def test_full_fine_tuning_state_shards_like_the_base(backbone, mesh):
+def test_full_fine_tuning_state_shards_like_the_base(model, mesh):
   adapter = methods.full()
-  frozen, state = adapter.init(jax.random.key(0), backbone.params)
-  placed, *_ = place(backbone, frozen, {'adapter': state, 'head': {}}, optax.adam(1e-3), mesh)
+  frozen, state = adapter.init(jax.random.key(0), model.params)
+  placed, *_ = place(model, frozen, {'adapter': state, 'head': {}}, optax.adam(1e-3), mesh)
   assert placed.trainable['adapter'][Q].sharding.spec == P('fsdp', 'tensor')
   assert placed.opt_state[0].nu['adapter'][O].sharding.spec == P('tensor', 'fsdp')
 
@@ -121,11 +121,11 @@ def test_structured_leaves_and_vectors_inherit(mesh):
   assert specs[f'any_key/{Q}/kron'] == P()
 
 
-def test_a_model_without_logical_axes_is_replicated_with_a_warning(backbone, mesh, caplog):
-  specs = PS.param_specs(backbone.params, None, mesh)
-  assert set(specs) == set(paths.flatten(backbone.params))
+def test_a_model_without_logical_axes_is_replicated_with_a_warning(model, mesh, caplog):
+  specs = PS.param_specs(model.params, None, mesh)
+  assert set(specs) == set(paths.flatten(model.params))
   assert all(spec == P() for spec, _ in specs.values())
   assert 'names no logical axes' in caplog.text and 'axes_from_table' in caplog.text
   caplog.clear()
-  PS.param_specs(backbone.params, None, make_mesh(8, 1, 1))  # data parallel: nothing to say
+  PS.param_specs(model.params, None, make_mesh(8, 1, 1))  # data parallel: nothing to say
   assert not caplog.text

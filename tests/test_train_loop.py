@@ -6,12 +6,13 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
 from peftjax.io.adapter_file import AdapterFileError
 from peftjax.train.checkpoint import CheckpointError
-from peftjax.train.loop import train
+from peftjax.train.loop import evaluate_adapter, train
 from tiny_runs import adapter_tensors, tiny, train_losses
 
 
@@ -103,6 +104,37 @@ def test_cli_unknown_config_key_is_one_line_error(tmp_path):
   assert out.returncode != 0
   assert 'rnk' in out.stderr and 'Traceback' not in out.stderr
   assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_user_mistakes_are_one_line_errors(tmp_path):
+  out = _cli('--config=configs/minilm_vader.py:no_such_method', f'--workdir={tmp_path}')
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert 'no_such_method' in out.stderr and 'pissa' in out.stderr  # it lists the known ones
+  out = _cli('--config=configs/minilm_vader_lora.py', f'--workdir={tmp_path}',
+             '--config.method.targets=no_such_layer', '--config.data.limit=16')
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1 and 'no_such_layer' in out.stderr
+  out = _cli('--config=configs/minilm_vader_lora.py', f'--workdir={tmp_path}',
+             '--config.method.targets=no_such_layer', '--config.data.limit=16', '--traceback')
+  assert 'Traceback' in out.stderr
+
+
+def test_evaluate_a_saved_adapter_on_other_splits_and_domains(uninterrupted, tmp_path):
+  workdir, summary = uninterrupted
+  out = subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
+                        '--splits=test,val', f'--output={tmp_path / "movie.json"}'],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).parents[1])
+  assert out.returncode == 0, out.stderr[-2000:]
+  saved = json.loads((tmp_path / 'movie.json').read_text())
+  assert saved['data']['domain'] == 'movie' and 'movie test: loss' in out.stdout
+  assert saved['metrics']['test'] == {'loss': summary['test_loss'],
+                                      'accuracy': summary['test_accuracy']}
+  assert saved['metrics']['val']['accuracy'] == summary['val_accuracy']  # the best epoch's
+  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  config.data.domain = 'tweets'
+  tweets = evaluate_adapter(config, workdir / 'adapter', ('test',))['test']
+  assert tweets.keys() == {'loss', 'accuracy'} and tweets != saved['metrics']['test']
 
 
 def test_cli_missing_config_file_is_one_line_error(tmp_path):

@@ -1,11 +1,11 @@
-"""experiments.weight_change measures ||W_adapted - W|| / ||W|| from a saved adapter."""
+"""peftjax.analysis.relative_change: ||W_adapted - W|| / ||W|| from a saved adapter."""
 from __future__ import annotations
 
 import jax
 import numpy as np
 
 import peftjax as pj
-from experiments.weight_change import relative_change
+from peftjax.analysis import relative_change
 from peftjax.io.adapter_file import save_adapter
 
 

@@ -64,7 +64,9 @@ def method_from_config(config) -> methods.Adapter:
   try:
     return methods.from_config({'method': config.name, **kwargs})
   except TypeError as e:
-    raise ValueError(f'method {config.name!r}: {e}') from None
+    raise ValueError(f'method {config.name!r}: {e}; the config\'s method keys may belong to '
+                     'another method: pick the method with the config\'s argument, e.g. '
+                     f'--config=configs/minilm_vader.py:{config.name}') from None
 
 
 # Config keys that may change between a run and its resumption without changing its result
@@ -106,7 +108,8 @@ def evaluate(task, eval_step, trainable, frozen, split: str, batch_size: int,
     out = eval_step(trainable, frozen, put_rows(rows, sharding, batch_size))
     sums = out if sums is None else jax.tree.map(np.add, sums, out)
   sums = jax.device_get(sums)
-  return {k: float(v / sums['count']) for k, v in sums.items() if k != 'count'}
+  names = sorted((k for k in sums if k != 'count'), key=lambda k: (k != 'loss', k))
+  return {k: float(sums[k] / sums['count']) for k in names}
 
 
 def place(model: Model, frozen, trainable, tx, mesh, compute_dtype=None):
