@@ -20,7 +20,7 @@ def tiny_study(only='pissa'):
   c.base.train.eval_every, c.base.train.log_every, c.base.train.checkpoint_every = 3, 3, 0
   c.base.optimizer.warmup_steps = 1
   c.lrs = (1e-3, 3e-2)
-  c.pairs.pissa.seeds = 2
+  c.pairs.pissa.seeds, c.matched_seeds = 2, 2
   c.report_steps, c.only = (3, 8), only
   return c
 
@@ -35,7 +35,8 @@ def test_study_sweeps_picks_the_best_lr_and_pairs_seeds(tmp_path):
   best = {name: min(c.lrs, key=lambda lr: finals[name, lr]) for name in ('lora_r', 'pissa')}
   r = out['pairs']['pissa']
   assert (r['baseline_lr'], r['method_lr']) == (best['lora_r'], best['pissa'])
-  for name, lr in study.plan(c, tmp_path, c.pairs.pissa):
+  for name, lr, seeds in study.plan(c, tmp_path, c.pairs.pissa):
+    assert seeds == 2
     run = study.run_dir(tmp_path, name, lr, 1)
     config = json.loads((run / 'config.json').read_text())
     assert config['head']['init'] == str((tmp_path / 'probe' / 'adapter').absolute())
