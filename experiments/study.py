@@ -2,16 +2,16 @@
 
 A study config has `base` (a run config), `probe` (the head stage: `lr`, `epochs`),
 `methods` ({name: method config}), `lrs` (the sweep), `pairs` ({key: {title, method,
-baseline, seeds}}, in the order they run), `report_steps` and `only` (comma-separated pair
-keys, or '' for all); `experiments.run` hands such a config here. For each pair in turn:
+baseline, seeds}}, in the order they run), `matched_seeds`, `report_steps` and `only`
+(comma-separated pair keys, or '' for all); `experiments.run` hands such a config here. For each pair in turn:
 
 1. the probe (once): the task head alone on the frozen model, in `WORKDIR/probe`; every
    other run starts from its head (`head.init`), so data-driven inits calibrate through a
    trained head and every run starts from the probe's function;
 2. the sweep: baseline and method at every lr of `lrs`, seed 0;
 3. each one's best lr (lowest final val loss of seed 0), then seeds 1..n-1 of the baseline
-   at its best lr, of the method at its own best lr (the best-vs-best comparison) and of the
-   method at the baseline's lr (the matched comparison).
+   at its best lr, of the method at its own best lr (the best-vs-best comparison) and, up to
+   `matched_seeds`, of the method at the baseline's lr (the matched comparison).
 
 Runs live in `WORKDIR/NAME/lr_LR/seed_S`; a run with a `summary.json` is skipped and an
 interrupted one resumes, so a stopped study continues. Writes `WORKDIR/study.json`,
@@ -93,8 +93,8 @@ def run_study(config, workdir) -> dict:
       for lr in config.lrs:
         _train(run_config(config, workdir, name, lr, 0), run_dir(workdir, name, lr, 0),
                f'{key}: sweep {name} lr {lr:g}')
-    for name, lr in plan(config, workdir, pair):
-      for seed in range(1, pair['seeds']):
+    for name, lr, seeds in plan(config, workdir, pair):
+      for seed in range(1, seeds):
         _train(run_config(config, workdir, name, lr, seed), run_dir(workdir, name, lr, seed),
                f'{key}: {name} lr {lr:g} seed {seed}')
   return report(config, workdir)
@@ -105,12 +105,13 @@ def best_lr(config, workdir, name: str) -> float:
   return min(config.lrs, key=lambda lr: curve(run_dir(workdir, name, lr, 0))['val_loss'][-1])
 
 
-def plan(config, workdir, pair) -> list[tuple[str, float]]:
-  """(name, lr) of the pair's multi-seed runs, in order: the baseline at its best lr, the
-  method at its own best lr, and the method at the baseline's lr where that differs."""
+def plan(config, workdir, pair) -> list[tuple[str, float, int]]:
+  """(name, lr, seeds) of the pair's runs, in order: the baseline at its best lr, the method
+  at its own best lr, and the method at the baseline's lr where that differs."""
   lb, lm = best_lr(config, workdir, pair['baseline']), best_lr(config, workdir, pair['method'])
-  return [(pair['baseline'], lb), (pair['method'], lm)] + (
-      [(pair['method'], lb)] if lm != lb else [])
+  n = pair['seeds']
+  return [(pair['baseline'], lb, n), (pair['method'], lm, n)] + (
+      [(pair['method'], lb, min(n, config.matched_seeds))] if lm != lb else [])
 
 
 # ------------------------------------------------------------------------------- reporting
