@@ -44,8 +44,8 @@ def parse(argv):
   """absl's flag parsing, with config and flag mistakes as one-line errors."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
+  except flags.Error as e:  # a config file's own error arrives with its traceback: last line
+    sys.exit(f'error: {str(e).strip().splitlines()[-1]}')
   except (KeyError, AttributeError, ValueError, TypeError) as e:  # config_flags override errors
     message = str(e).encode().decode('unicode_escape').replace("'", '')
     sys.exit(f'error: unknown or invalid config key: {" ".join(message.split())}')
