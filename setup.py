@@ -20,6 +20,7 @@ setuptools.setup(
         'ml_collections>=1.1.0',
         'absl-py>=2.5.1',
         'numpy>=2.4',
+        'scipy>=1.17',
         'safetensors>=0.8.0',
         'tokenizers>=0.23.3',
         'matplotlib>=3.11',

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax.train import step as S
+from peftjax.tasks import classification
 from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.loop import train
 from tiny_runs import adapter_tensors, tiny, train_losses
@@ -177,13 +177,13 @@ def test_two_processes_resume_from_their_checkpoint(reference, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   """72 rows: batch 5 is the first with padding rows, where this loss turns NaN."""
-  original = S.cross_entropy
+  original = classification.cross_entropy
 
   def poisoned(logits, labels, weights):
     return jnp.where(jnp.sum(weights) < weights.size, jnp.nan,
                      original(logits, labels, weights))
 
-  monkeypatch.setattr(S, 'cross_entropy', poisoned)
+  monkeypatch.setattr(classification, 'cross_entropy', poisoned)
   config = tiny(mesh=ONE_DEVICE, log_every=10)
   config.data.limit = 72
   with pytest.raises(FloatingPointError, match=r'training loss is nan at step 5; stopped '

@@ -18,7 +18,6 @@ import contextlib
 import string
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from peftjax.core import leaves

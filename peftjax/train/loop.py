@@ -209,6 +209,8 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   best = None
   if resume and ckpt.latest_step() is not None:
     state, pos = ckpt.restore(ckpt.latest_step(), state)
+    if 'best_accuracy' in pos:  # written before tasks named their selection metric
+      pos['best_metric'] = pos.pop('best_accuracy')
     if main:
       metrics.rewind(int(state.step))
     if pos['best_epoch'] >= 0:
