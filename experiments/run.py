@@ -1,4 +1,5 @@
-"""Runs one experiment, or a study (a config with `pairs`: experiments.study), from a config.
+"""Runs one experiment, a study (a config with `pairs`: experiments.study) or a chain of
+stages (a config with `stages`: peftjax.train.stages), from a config.
 
   python -m experiments.run --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [--resume] [--traceback]
 """
@@ -23,6 +24,10 @@ def main(argv):
   if 'pairs' in config:
     from experiments.study import run_study  # pylint: disable=g-import-not-at-top
     cli.run_cleanly(lambda: run_study(config, _WORKDIR.value))  # resumes by itself
+    return
+  if 'stages' in config:
+    from peftjax.train.stages import run_stages  # pylint: disable=g-import-not-at-top
+    cli.run_cleanly(lambda: run_stages(config, _WORKDIR.value))  # resumes by itself
     return
   from peftjax.train.loop import train  # pylint: disable=g-import-not-at-top
   cli.run_cleanly(lambda: train(config, _WORKDIR.value, resume=_RESUME.value))

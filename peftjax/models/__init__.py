@@ -29,6 +29,17 @@ class Model(NamedTuple):
 
 
 def build(config, seed: int = 0) -> Model:
+  """The model `config.name` names, with params from the file `config.init` if it is set
+  (e.g. a previous stage's merged result, `peftjax.io.params_file`)."""
+  model = _build(config, seed)
+  if config.get('init'):
+    from peftjax.io.params_file import load_params
+    model = model._replace(params=load_params(config.init, model.params),
+                           model_id=f'{model.model_id}+{config.init}')
+  return model
+
+
+def _build(config, seed: int) -> Model:
   """`name='minilm'`: pretrained MiniLM-L6; `name='bert'`: random init of the given sizes
   (MiniLM's vocabulary), for tests and ablations. `remat=True` (either model) recomputes each
   block's activations in the backward pass. Both run `(input_ids, attention_mask, train=)`
@@ -41,7 +52,7 @@ def build(config, seed: int = 0) -> Model:
     module = Bert(bert_config, remat)
     return Model(module, params, minilm.MODEL_ID, module.logical_axes)
   if config.name == 'bert':
-    sizes = {k: v for k, v in config.items() if k not in ('name', 'remat')}
+    sizes = {k: v for k, v in config.items() if k not in ('name', 'remat', 'init')}
     bert_config = BertConfig(vocab_size=minilm.load_tokenizer().get_vocab_size(), **sizes)
     module = Bert(bert_config, remat)
     ids = jax.numpy.zeros((1, 8), jax.numpy.int32)

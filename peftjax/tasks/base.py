@@ -23,10 +23,11 @@ from peftjax.models import Model
 
 class Task(abc.ABC):
   """A problem the trainer can fine-tune `model` on. Subclasses set `model` and implement
-  the abstract methods; `selection` names the val metric (higher is better) that picks the
-  best adapter."""
+  the abstract methods; `selection` names the val metric that picks the best adapter (the
+  highest if `maximize`, else the lowest)."""
   model: Model
   selection: str = 'accuracy'
+  maximize: bool = True
   splits: tuple[str, ...] = ('train', 'val', 'test')
 
   @abc.abstractmethod

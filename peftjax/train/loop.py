@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 def method_from_config(config) -> methods.Adapter:
   """The method of `config.method` (`name` plus that method's keyword arguments)."""
-  kwargs = {k: v for k, v in config.to_dict().items() if k != 'name'}
+  kwargs = {k: v for k, v in config.to_dict().items() if k not in ('name', 'init')}
   try:
     return methods.from_config({'method': config.name, **kwargs})
   except TypeError as e:
@@ -184,9 +184,13 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   head = task.init_head(k_head)
   if config.head.init:  # e.g. a probe run's adapter: train the head first
     head = load_head(config.head.init, head)
-  calib = task.calibration(head, lambda: itertools.islice(
-      task.batches('train', tc.batch_size, seed=config.seed, epoch=0), config.calibration.batches))
-  frozen, adapter_state = adapter.init(k_adapter, model.params, calib=calib)
+  if config.method.get('init'):  # e.g. a previous stage's adapter: train it further
+    frozen, adapter_state = _saved_adapter(config.method.init, adapter, model.params)
+  else:
+    calib = task.calibration(head, lambda: itertools.islice(
+        task.batches('train', tc.batch_size, seed=config.seed, epoch=0),
+        config.calibration.batches))
+    frozen, adapter_state = adapter.init(k_adapter, model.params, calib=calib)
   if main:
     print(summary(adapter, frozen, adapter_state, head), flush=True)
 
@@ -205,6 +209,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
     return evaluate(task, eval_step, state.trainable, frozen_dev, 'val', tc.eval_batch_size,
                     shard)
 
+  sign = 1.0 if task.maximize else -1.0  # best_metric is stored as sign * metric
   pos = {'epoch': 0, 'batch': 0, 'best_metric': -math.inf, 'best_epoch': -1}
   best = None
   if resume and ckpt.latest_step() is not None:
@@ -295,8 +300,8 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
       metrics.write([{'kind': 'val', 'step': step, 'epoch': epoch + 1, **val}])
       bar.write(f'epoch {epoch + 1}/{tc.epochs}: val ' +
                 ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
-    if val[selection] > pos['best_metric']:
-      pos |= {'best_metric': val[selection], 'best_epoch': epoch + 1}
+    if sign * val[selection] > pos['best_metric']:
+      pos |= {'best_metric': sign * val[selection], 'best_epoch': epoch + 1}
       best = fetch(state.trainable)
       if main:
         save_adapter(workdir / 'adapter', adapter, frozen, best['adapter'], head=best['head'],
@@ -314,7 +319,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   result = {
       'task': config.task, 'method': config.method.name,
       **{f'test_{k}': v for k, v in test.items()},
-      f'val_{selection}': pos['best_metric'], 'best_epoch': pos['best_epoch'],
+      f'val_{selection}': sign * pos['best_metric'], 'best_epoch': pos['best_epoch'],
       'epochs': tc.epochs, 'steps': step,
       'trainable_params': num_params(state.trainable),
       'total_params': num_params(frozen) + num_params(state.trainable),
@@ -333,7 +338,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
     atomic_write_text(workdir / 'summary.json', json.dumps(result, indent=2))
     plot_curves(metrics.read(), workdir / 'curves.png',
                 title=f"{config.method.name}: test {selection} {test[selection]:.4f}")
-    print(f"test {selection} {test[selection]:.4f} (best val {pos['best_metric']:.4f} at "
+    print(f"test {selection} {test[selection]:.4f} (best val {sign * pos['best_metric']:.4f} at "
           f"epoch {pos['best_epoch']}); summary in {workdir / 'summary.json'}")
   return result
 
@@ -350,6 +355,15 @@ def evaluate_adapter(config, adapter_dir, splits=('test',), *, task=None) -> dic
   return {split: evaluate(task, run.eval_step, run.state.trainable, run.frozen, split,
                           config.train.eval_batch_size, run.batch_sharding)
           for split in splits}
+
+
+def _saved_adapter(directory, adapter, params):
+  """`(frozen, state)` of the adapter saved in `directory`, which must be `adapter`'s method."""
+  saved, frozen, state, _, _ = load_adapter(directory, params)
+  if saved.config != adapter.config:
+    raise ValueError(f'method.init: the adapter in {directory} is {saved.config}, but the '
+                     f'config asks for {adapter.config}')
+  return frozen, state
 
 
 def _shapes(batch) -> tuple:

@@ -1,0 +1,54 @@
+"""Whole param trees as one safetensors file (slash-joined paths): a stage's merged result
+that the next stage starts from (`model.init`)."""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+import safetensors.numpy
+
+from peftjax.core import paths as P
+from peftjax.core.leaves import materialize
+
+
+class ParamsFileError(ValueError):
+  """A params file that is missing, corrupt or does not fit the model it is loaded into."""
+
+
+def save_params(path, params) -> pathlib.Path:
+  """Writes `params` (structured leaves materialised) to `path` in one rename."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tensors = {k: np.asarray(v) for k, v in P.flatten(jax.device_get(materialize(params))).items()}
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
+  os.close(fd)
+  try:
+    safetensors.numpy.save_file(tensors, tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    os.remove(tmp)
+    raise
+  return path
+
+
+def load_params(path, like):
+  """The tree saved at `path`, checked against `like` (same paths, shapes; cast to its
+  dtypes)."""
+  try:
+    found = safetensors.numpy.load_file(str(path))
+  except FileNotFoundError:
+    raise ParamsFileError(f'no params file at {path}') from None
+  except Exception as e:  # safetensors raises several types for truncated/corrupt files
+    raise ParamsFileError(f'cannot read params file {path}: {e}') from None
+  expected = P.flatten(like)
+  problems = [f'{k}: expected {tuple(v.shape)}, found '
+              f'{tuple(found[k].shape) if k in found else "nothing"}'
+              for k, v in expected.items() if k not in found or found[k].shape != v.shape]
+  problems += [f'{k}: unexpected in file' for k in found if k not in expected]
+  if problems:
+    raise ParamsFileError(f'params file {path} does not fit this model: '
+                          + '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else ''))
+  return P.unflatten({k: found[k].astype(v.dtype) for k, v in expected.items()})
