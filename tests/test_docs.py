@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -41,6 +42,7 @@ def test_configs_and_commands_import_from_anywhere(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
 
 
+@pytest.mark.long
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   notebook = json.loads((ROOT / 'colabs' / 'quickstart.ipynb').read_text())
   monkeypatch.chdir(ROOT / 'colabs')

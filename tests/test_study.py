@@ -27,6 +27,7 @@ def _run(workdir, name: str, lr: float, seed: int) -> pathlib.Path:
   return workdir / name / f'lr_{lr:.0e}' / f'seed_{seed}'
 
 
+@pytest.mark.long
 def test_study_sweeps_picks_the_best_lr_and_pairs_seeds(tmp_path):
   c = lowrank_study.get_config('tiny')
   proc = _study(tmp_path)

@@ -106,6 +106,7 @@ def _launch(workdir, overrides, env=None, resume=False):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.long
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(reference, tmp_path):
   overrides = {'mesh': ONE_DEVICE, 'train': {'checkpoint_every': 1}}
   proc = _launch(tmp_path, overrides)
@@ -143,6 +144,7 @@ def _two_processes(workdir, overrides, resume=False):
   return procs, [p.communicate(timeout=600)[0] for p in procs]
 
 
+@pytest.mark.long
 def test_one_config_on_1_device_8_devices_and_2_processes_gives_equal_losses(tmp_path):
   """The unchanged config (mesh.data = -1: every device there is) in three set-ups."""
   eight = train(tiny(epochs=1), tmp_path / 'eight')  # this process: 8 devices
@@ -163,6 +165,7 @@ def test_one_config_on_1_device_8_devices_and_2_processes_gives_equal_losses(tmp
     assert summaries[name]['test_accuracy'] == eight['test_accuracy']
 
 
+@pytest.mark.long
 def test_two_processes_resume_from_their_checkpoint(reference, tmp_path):
   procs, outputs = _two_processes(tmp_path, {'halt_at_step': 7})
   assert all('halted at step 7' in out for out in outputs), outputs

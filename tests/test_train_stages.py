@@ -48,6 +48,7 @@ def test_each_stage_starts_from_the_previous_result(uninterrupted):
   assert states and all(np.array_equal(a[k], b[k]) for k in states)
 
 
+@pytest.mark.long
 def test_a_killed_stage_resumes_to_the_same_result(uninterrupted, tmp_path, capsys):
   reference, results = uninterrupted
   with pytest.raises(SystemExit, match='halted at step 3'):
