@@ -50,6 +50,7 @@ def get_config(method: str = 'lora'):
   c.train = ml_collections.ConfigDict({
       'batch_size': 32, 'eval_batch_size': 64, 'epochs': 3, 'max_steps': 0, 'log_every': 20,
       'eval_every': 0,  # extra val evaluations every that many steps (0: once per epoch)
+      'eval_at_start': False,  # a val evaluation before the first step
       'checkpoint_every': 100, 'keep_checkpoints': 2,
       'accumulate': 1,  # micro-batches per step (gradient accumulation)
       'compute_dtype': 'float32'})  # or 'bfloat16' (float32 master weights and optimiser)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from peftjax.tasks.base import Task
 from peftjax.tasks.classification import SentenceClassification
+from peftjax.tasks.lm import CausalLM, Denoising, TextClassification
 
-REGISTRY = {'sentence_classification': SentenceClassification}
+REGISTRY = {'sentence_classification': SentenceClassification, 'causal_lm': CausalLM,
+            'ul2': Denoising, 'text_classification': TextClassification}
 
 
 def build(config, model=None) -> Task:

@@ -5,8 +5,9 @@ loss and metrics; this loop owns the rest. Per epoch: train over the shuffled tr
 evaluate on val, keep the best adapter (by the task's `selection` metric on val) in
 `WORKDIR/adapter`, checkpoint; `train.max_steps` (0: none) ends training early, after an
 evaluation where it stops; `train.eval_every` (0: none) adds val evaluations every that many
-steps (logged, not used for selection). `head.init` starts the task head from the one saved
-with an adapter (e.g. a probe run's `WORKDIR/adapter`) instead of at random. At the end: the
+steps (logged, not used for selection), `train.eval_at_start` one before the first step.
+`head.init` starts the task head from the one saved with an adapter (e.g. a probe run's
+`WORKDIR/adapter`) instead of at random. At the end: the
 test metrics of the best adapter, `summary.json`, `metrics.jsonl` and `curves.png`.
 `resume=True` continues from the newest checkpoint with exactly the batches, dropout keys and
 optimiser state it would have had. Data-initialised methods (CorDA, EVA, LoRA-GA) get a lazy
@@ -233,6 +234,11 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
     compiled[_shapes(spec)] = train_step.lower(state, frozen_dev, spec).compile()
 
   step = int(state.step)
+  if tc.get('eval_at_start') and step == 0:  # the starting point, e.g. a pretrained model's
+    val = val_metrics()
+    if main:
+      metrics.write([{'kind': 'val', 'step': 0, 'epoch': 0, **val}])
+      print('before training: val ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
   pending, train_time, trained = [], 0.0, 0
   bar = tqdm.tqdm(total=total_steps, initial=step, unit='step', disable=not main,
                   mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True)
