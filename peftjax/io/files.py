@@ -48,6 +48,24 @@ def atomic_write_text(path, text: str):
     raise
 
 
+def atomic_write_bytes(path, data: bytes):
+  """Writes `data` to `path` through a temp file beside it and one rename."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, _mode(0o666))
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
 def _read_umask() -> int:
   umask = os.umask(0o022)  # Read once, at import (before any writer threads start).
   os.umask(umask)
