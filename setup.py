@@ -10,6 +10,7 @@ setuptools.setup(
     license='Apache-2.0',
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['peftjax', 'peftjax.*', 'configs', 'experiments']),
+    package_data={'peftjax.data': ['corpora/*.jsonl.gz']},
     # Floors are the versions the test suite runs against.
     install_requires=[
         'jax>=0.10.2',
@@ -23,6 +24,9 @@ setuptools.setup(
         'scipy>=1.17',
         'safetensors>=0.8.0',
         'tokenizers>=0.23.3',
+        'tensorflow-datasets>=4.9.10',  # local builders only: no TensorFlow
+        'array_record>=0.8.6',
+        'gguf>=0.19.0',
         'matplotlib>=3.11',
         'tqdm>=4.70',
     ],

@@ -172,11 +172,14 @@ def _fill(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def _chunks(data, tok, eos_id):
+  """Each split of `data.corpus` in rows of `data.length` tokens: the first `data.limit` rows
+  of each (0: all), val and test at most `data.eval_limit` (0: all)."""
   from peftjax.data import corpus
   out = {}
   for split in ('train', 'val', 'test'):
     c = corpus.token_chunks(data.corpus, split, tok, data.length, eos_id=eos_id)
-    out[split] = c[:data.limit] if data.limit else c
+    limits = [n for n in (data.limit, 0 if split == 'train' else data.eval_limit) if n]
+    out[split] = c[:min(limits)] if limits else c
   return out
 
 

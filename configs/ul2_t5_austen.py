@@ -1,0 +1,47 @@
+"""UL2 pretraining of a small T5 from scratch on Jane Austen's novels, then VADER sentiment
+as text-to-text from that checkpoint.
+
+COMMAND: python -m experiments.run --config=configs/ul2_t5_austen.py[:METHOD] --workdir=runs/ul2_t5_austen
+
+Stage `ul2_pretrain`: every weight of a 13.6M-param T5 (`t5.SMALL_CPU`: 4+4 layers, width
+256, gated GELU) trained from random init with UL2's seven denoisers (uniform mixture,
+paradigm tokens) on 128-token chunks of the novels' train chapters, byte-level BPE of 8192
+tokens trained on them; selection by held-out denoising loss on unseen chapters.
+Stage `finetune` starts from the merged result: sentence -> 'negative' / 'positive' with the
+'[NLU]' mode token, METHOD any method name (default `full`; e.g. `lora`).
+`:tiny` runs both stages on a 2-layer model for a few steps (tests).
+"""
+import ml_collections
+
+from configs import language
+from configs.minilm_vader import method_config
+from peftjax.models.t5 import SMALL_CPU
+
+TINY = {'name': 't5', 'vocab_size': 8192, 'd_model': 32, 'num_heads': 2, 'head_dim': 16,
+        'd_ff': 64, 'encoder_layers': 1, 'decoder_layers': 1}
+
+
+def get_config(arg: str = 'full'):
+  tiny = arg == 'tiny'
+  method = 'lora' if tiny else arg
+  model = TINY if tiny else SMALL_CPU
+  pre = language.ul2(model, {'name': 'full'}, fmt='encoder_decoder', tokenizer='bpe',
+                     length=128)
+  pre.optimizer.update({'lr': 2e-3, 'schedule': 'cosine', 'warmup_steps': 300,
+                        'weight_decay': 0.01, 'clip_norm': 1.0})
+  pre.train.update({'batch_size': 32, 'eval_batch_size': 64, 'epochs': 8, 'log_every': 50,
+                    'checkpoint_every': 200, 'eval_at_start': True})
+  pre.data.eval_limit = 256
+  fine = language.sentiment(model, {'name': method}, fmt='encoder_decoder', tokenizer='bpe')
+  fine.method = ml_collections.ConfigDict(
+      {'init': '', **method_config(method), 'targets': ('(encoder|decoder)/.*/kernel',)}
+      if method not in ('full', 'probe') else {'init': '', 'name': method})
+  fine.optimizer.update({'lr': 3e-4 if method == 'full' else 1e-3, 'clip_norm': 1.0})
+  fine.train.update({'batch_size': 32, 'eval_batch_size': 64, 'epochs': 3})
+  fine.start = 'merged'
+  if tiny:
+    for stage in (pre, fine):
+      stage.data.limit = 64
+      stage.train.update({'batch_size': 8, 'eval_batch_size': 16, 'epochs': 1, 'max_steps': 3,
+                          'log_every': 1, 'checkpoint_every': 2, 'eval_at_start': False})
+  return language.chain(ul2_pretrain=pre, finetune=fine)
