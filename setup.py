@@ -22,6 +22,7 @@ setuptools.setup(
         'numpy>=2.4',
         'scipy>=1.17',
         'safetensors>=0.8.0',
+        'gguf>=0.19.0',
         'tokenizers>=0.23.3',
         'matplotlib>=3.11',
         'tqdm>=4.70',
