@@ -23,6 +23,7 @@ setuptools.setup(
         'numpy>=2.4',
         'scipy>=1.17',
         'safetensors>=0.8.0',
+        'gguf>=0.19.0',
         'tokenizers>=0.23.3',
         'tensorflow-datasets>=4.9.10',  # local builders only: no TensorFlow
         'array_record>=0.8.6',

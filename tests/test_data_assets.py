@@ -75,6 +75,7 @@ def test_registry_matches_brief():
   assert sorted(assets.ASSETS['vader'].files) == [
       'amazonReviewSnippets_GroundTruth.txt', 'movieReviewSnippets_GroundTruth.txt',
       'nytEditorialSnippets_GroundTruth.txt', 'tweets_GroundTruth.txt']
+  assert set(assets.ASSETS['smollm2'].files) == {'SmolLM2-135M-Instruct.Q4_1.gguf'}
 
 
 def test_cache_dir(monkeypatch, tmp_path):
@@ -156,7 +157,7 @@ def test_explicit_cache_in_message(tmp_path):
 
 def test_unknown_asset(cache):
   for call in (assets.asset_path, assets.verify, lambda n: assets.fetch([n])):
-    with pytest.raises(ValueError, match='known assets: minilm, vader'):
+    with pytest.raises(ValueError, match='known assets: minilm, smollm2, vader'):
       call('bogus')
 
 

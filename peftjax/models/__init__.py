@@ -11,6 +11,9 @@ from peftjax.core import linen
 # A 2-layer, 32-wide random BERT for tests and quick benchmarks (`model.name='bert'`).
 TINY_BERT = {'name': 'bert', 'hidden_size': 32, 'num_layers': 2, 'num_heads': 4,
              'intermediate_size': 64}
+# A 2-layer, 32-wide random LLaMA decoder for tests (`model.name='llama'`).
+TINY_LLAMA = {'name': 'llama', 'vocab_size': 64, 'hidden_size': 32, 'num_layers': 2,
+              'num_heads': 4, 'num_kv_heads': 2, 'intermediate_size': 64, 'max_length': 128}
 
 
 class Model(NamedTuple):
@@ -43,7 +46,9 @@ def _build(config, seed: int) -> Model:
   """`name='minilm'`: pretrained MiniLM-L6; `name='bert'`: random init of the given sizes
   (MiniLM's vocabulary), for tests and ablations. `remat=True` (either model) recomputes each
   block's activations in the backward pass. Both run `(input_ids, attention_mask, train=)`
-  and return the last hidden states."""
+  and return the last hidden states. `name='smollm2'`: pretrained SmolLM2-135M-Instruct;
+  `name='llama'`: a random LLaMA of the given `LlamaConfig` sizes. Both run
+  `(input_ids, segment_ids=, positions=, prefix=, train=)` and return next-token logits."""
   from peftjax.models import minilm
   from peftjax.models.bert import Bert, BertConfig
   remat = bool(config.get('remat', False))
@@ -58,4 +63,21 @@ def _build(config, seed: int) -> Model:
     ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
     params = module.init(jax.random.key(seed), ids, ids + 1)['params']
     return Model(module, params, f'random-bert-seed{seed}', module.logical_axes)
-  raise ValueError(f"unknown model {config.name!r}; expected 'minilm' or 'bert'")
+  if config.name in ('smollm2', 'llama'):
+    return _build_llama(config, seed, remat)
+  raise ValueError(f"unknown model {config.name!r}; expected 'minilm', 'bert', 'smollm2' or "
+                   "'llama'")
+
+
+def _build_llama(config, seed: int, remat: bool) -> Model:
+  from peftjax.models import smollm2
+  from peftjax.models.llama import Llama, LlamaConfig
+  if config.name == 'smollm2':
+    llama_config, params = smollm2.load_smollm2()
+    module = Llama(llama_config, remat)
+    return Model(module, params, smollm2.MODEL_ID, module.logical_axes)
+  sizes = {k: v for k, v in config.items() if k not in ('name', 'remat')}
+  module = Llama(LlamaConfig(**sizes), remat)
+  ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
+  params = jax.jit(module.init)(jax.random.key(seed), ids)['params']
+  return Model(module, params, f'random-llama-seed{seed}', module.logical_axes)
