@@ -27,7 +27,6 @@ setuptools.setup(
         'tokenizers>=0.23.3',
         'tensorflow-datasets>=4.9.10',  # local builders only: no TensorFlow
         'array_record>=0.8.6',
-        'gguf>=0.19.0',
         'matplotlib>=3.11',
         'tqdm>=4.70',
     ],

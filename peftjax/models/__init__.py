@@ -57,8 +57,8 @@ def _build(config, seed: int) -> Model:
     module = Bert(bert_config, remat)
     return Model(module, params, minilm.MODEL_ID, module.logical_axes)
   if config.name == 'bert':
-    sizes = {k: v for k, v in config.items() if k not in ('name', 'remat', 'init')}
-    bert_config = BertConfig(vocab_size=minilm.load_tokenizer().get_vocab_size(), **sizes)
+    bert_config = BertConfig(vocab_size=minilm.load_tokenizer().get_vocab_size(),
+                             **_sizes(config))
     module = Bert(bert_config, remat)
     ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
     params = module.init(jax.random.key(seed), ids, ids + 1)['params']
@@ -76,8 +76,12 @@ def _build_llama(config, seed: int, remat: bool) -> Model:
     llama_config, params = smollm2.load_smollm2()
     module = Llama(llama_config, remat)
     return Model(module, params, smollm2.MODEL_ID, module.logical_axes)
-  sizes = {k: v for k, v in config.items() if k not in ('name', 'remat')}
-  module = Llama(LlamaConfig(**sizes), remat)
+  module = Llama(LlamaConfig(**_sizes(config)), remat)
   ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
   params = jax.jit(module.init)(jax.random.key(seed), ids)['params']
   return Model(module, params, f'random-llama-seed{seed}', module.logical_axes)
+
+
+def _sizes(config) -> dict:
+  """A random model's shape fields: the config's keys but `name`, `remat` and `init`."""
+  return {k: v for k, v in config.items() if k not in ('name', 'remat', 'init')}
