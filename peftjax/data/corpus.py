@@ -131,7 +131,8 @@ def data_dir() -> pathlib.Path:
 def _prepared(corpus: str, root: str) -> TextCorpus:
   source = _source(corpus)
   builder = TextCorpus(config=corpus, data_dir=root, file_format='array_record')
-  builder.download_and_prepare()  # Returns at once if the version's folder is complete.
+  with tfds.display_progress_bar(False):
+    builder.download_and_prepare()  # Returns at once if the version's folder is complete.
   built = tfds.builder_from_directory(builder.data_dir)
   expected, got = fingerprint(corpus), built.info.metadata.get('fingerprint')
   if got != expected:

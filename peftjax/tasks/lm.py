@@ -221,8 +221,10 @@ class Denoising(_PackedLM):
     # Rows sized so that `examples_per_row` of the longest corruption always fit: first fit
     # then opens a new row only when every open one holds that many examples.
     sizes = [ul2.corrupted_lengths(length, d) for d in mixture.denoisers]
-    if fmt == 'prefix_lm':
-      rows = {'length': examples_per_row * max(a + b for a, b in sizes)}
+    if fmt == 'prefix_lm':  # an S split moves tokens between inputs and targets
+      totals = [length + (d.paradigm is not None) if d.kind == 'S' else a + b
+                for d, (a, b) in zip(mixture.denoisers, sizes)]
+      rows = {'length': examples_per_row * max(totals)}
     else:
       rows = {'inputs': examples_per_row * max(a for a, _ in sizes),
               'targets': examples_per_row * max(b for _, b in sizes)}

@@ -1,0 +1,123 @@
+"""The language-modelling tasks: special ids, UL2 batches that reconstruct their chunks,
+rank classification, and end-to-end runs of the LM configs on tiny models."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peftjax.data import austen, tokenizer as T
+from peftjax.objectives import ul2
+from peftjax.tasks import lm
+
+TEXTS = [c.text for c in austen.chapters('val')[:3]]
+
+
+@pytest.fixture(scope='module')
+def toks():
+  return (T.train_bpe(TEXTS, 400, num_sentinels=20),
+          T.train_bpe(TEXTS, 400, num_sentinels=0, extra_special=()))
+
+
+def test_special_ids_are_the_tokenizers_own_or_its_last_ids(toks):
+  own, bare = toks
+  sentinels, paradigm = lm.special_ids(own, ('[NLU]', '[S2S]'), 5)
+  assert sentinels == T.sentinel_ids(own)[:5] == [399, 398, 397, 396, 395]
+  assert paradigm == {'[NLU]': T.special_id(own, '[NLU]'), '[S2S]': T.special_id(own, '[S2S]')}
+  # Without them: [NLU] [NLG] [S2S] from the top, the same whatever else is asked, then sentinels.
+  sentinels, paradigm = lm.special_ids(bare, ('[S2S]', '[NLU]'), 4)
+  assert paradigm == {'[NLU]': 399, '[S2S]': 397} and sentinels == [396, 395, 394, 393]
+  assert lm.special_ids(bare, ('[S2S]',), 0) == ([], {'[S2S]': 397})
+  with pytest.raises(ValueError, match="paradigm token '<x>' is not in the tokenizer"):
+    lm.special_ids(bare, ('<x>',), 3)
+
+
+def _denoising(fmt, per_row, mixture=ul2.UL2):
+  rng = np.random.default_rng(0)
+  chunks = {s: rng.integers(3, 300, (n, 48)).astype(np.int32)
+            for s, n in (('train', 40), ('val', 12), ('test', 12))}
+  sentinels, paradigm = lm.special_ids(T.train_bpe(TEXTS, 400, num_sentinels=40),
+                                       mixture.paradigm_tokens, 40)
+  return lm.Denoising(None, chunks, mixture, fmt, sentinel_ids=sentinels,
+                      paradigm_ids=paradigm, bos_id=1, examples_per_row=per_row)
+
+
+def _examples(task, batch):
+  """(inputs, targets) of every packed example of a batch, read back from its rows."""
+  out = []
+  if task.format == 'prefix_lm':
+    for r in range(len(batch['targets'])):
+      for s in range(1, batch['segment_ids'][r].max() + 1):
+        seg = batch['segment_ids'][r] == s
+        a = int(batch['prefix'][r][seg].sum()) - 1
+        seq = batch['targets'][r][seg]
+        assert np.all(batch['weights'][r][seg] == (np.arange(seg.sum()) >= a))
+        out.append((seq[:a], seq[a:]))
+  else:
+    for r in range(len(batch['targets'])):
+      for s in range(1, batch['decoder_segment_ids'][r].max() + 1):
+        out.append((batch['encoder_ids'][r][batch['encoder_segment_ids'][r] == s],
+                    batch['targets'][r][batch['decoder_segment_ids'][r] == s]))
+  return out
+
+
+@pytest.mark.parametrize('fmt,per_row', [('prefix_lm', 1), ('prefix_lm', 3),
+                                         ('encoder_decoder', 2)])
+def test_ul2_rows_hold_whole_corruptions_of_the_chunks(fmt, per_row):
+  task = _denoising(fmt, per_row)
+  sentinels, paradigm_ids = task.sentinel_ids, set(task.paradigm_ids.values())
+  seen = []
+  for batch in task.batches('train', 4, seed=3, epoch=1):
+    assert len(batch['targets']) == 4
+    for inputs, targets in _examples(task, batch):
+      assert inputs[0] in paradigm_ids  # every denoiser's paradigm token leads its inputs
+      seen.append(ul2.reconstruct(inputs[1:], targets, sentinels))
+  # Every chunk comes back exactly, once: nothing truncated, nothing dropped.
+  assert sorted(map(tuple, seen)) == sorted(map(tuple, task.chunks['train']))
+
+
+def test_ul2_batches_are_fixed_for_eval_fresh_per_epoch_and_resumable():
+  task = _denoising('prefix_lm', 2, ul2.UL2R)
+  same = lambda a, b: all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+  val = [list(task.batches('val', 4)) for _ in range(2)]
+  assert same(*val)
+  e0, e0b, e1 = (list(task.batches('train', 4, seed=0, epoch=e)) for e in (0, 0, 1))
+  assert same(e0, e0b) and not same(e0, e1)
+  assert same(list(task.batches('train', 4, seed=0, epoch=0, start=2)), e0[2:])
+  part = list(task.batches('train', 4, seed=0, epoch=0, rows=slice(2, 4)))
+  assert same(part, [{k: v[2:4] for k, v in b.items()} for b in e0])
+  spec = task.batch_shapes(4)[0]
+  assert all(b[k].shape == spec[k].shape for b in e0 for k in spec)
+
+
+def test_text_classification_ranks_the_class_words_at_the_first_target():
+  words = [np.array([7, 9, 1]), np.array([8, 9, 1])]
+  data = {'val': ([[3, 4, 5], [3, 4], [6], [5, 5, 5, 5]], np.array([0, 1, 1, 0]))}
+  task = lm.TextClassification(None, data, words, 'prefix_lm', max_length=6, bos_id=1,
+                               prefix_ids=[2])
+  batch = next(task.batches('val', 6))
+  np.testing.assert_array_equal(batch['first'][:4], [4, 3, 2, 5])  # [2] + text, then target
+  np.testing.assert_array_equal(batch['label'][:4], [0, 1, 1, 0])
+  np.testing.assert_array_equal(batch['row_weight'], [1, 1, 1, 1, 0, 0])
+  # Logits that favour class 1's first token everywhere except at row 0's first target.
+  logits = np.zeros((6, batch['targets'].shape[1], 12), np.float32)
+  logits[..., 8] = 1.0
+  logits[0, 4, 7] = 2.0
+  task.logits = lambda params, batch, rng=None: jnp.asarray(logits)
+  sums = task.eval_sums(None, {}, batch)
+  assert float(sums['accuracy']) == 3.0 and float(sums['count']) == 4.0  # rows 0, 1, 2
+  with pytest.raises(ValueError, match='must start with different tokens'):
+    lm.TextClassification(None, data, [np.array([7, 1]), np.array([7, 2])], 'prefix_lm',
+                          max_length=6, bos_id=1)
+
+
+def test_ul2r_config_runs_on_a_tiny_llama_and_measures_the_start(tmp_path):
+  from configs import ul2r_smollm2_lora
+  from peftjax.train.loop import train
+  summary = train(ul2r_smollm2_lora.get_config('tiny'), tmp_path)
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').open()]
+  val = [r for r in records if r['kind'] == 'val']
+  assert val[0]['step'] == 0 and val[-1]['step'] == 3
+  assert summary['task'] == 'ul2' and np.isfinite(summary['test_loss'])
+  assert summary['val_loss'] == min(r['loss'] for r in val if r['step'] > 0)
