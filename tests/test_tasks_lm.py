@@ -121,3 +121,38 @@ def test_ul2r_config_runs_on_a_tiny_llama_and_measures_the_start(tmp_path):
   assert val[0]['step'] == 0 and val[-1]['step'] == 3
   assert summary['task'] == 'ul2' and np.isfinite(summary['test_loss'])
   assert summary['val_loss'] == min(r['loss'] for r in val if r['step'] > 0)
+
+
+@pytest.mark.long
+def test_every_lora_family_method_and_full_train_a_step_on_smollm2():
+  """Real SmolLM2 weights and shapes (its first two blocks, to keep compiles short)."""
+  import dataclasses
+  import ml_collections
+  from configs import minilm_vader, ul2r_smollm2_lora
+  from peftjax import methods
+  from peftjax.models import Model, smollm2
+  from peftjax.models.llama import Llama
+  from peftjax.train import step as S
+  from peftjax.train.loop import method_from_config
+  config, params = smollm2.load_smollm2()
+  config = dataclasses.replace(config, num_layers=2)
+  params = {k: v for k, v in params.items() if not k.startswith('layers_') or
+            int(k.split('_')[1]) < 2}
+  module = Llama(config)
+  c = ul2r_smollm2_lora.get_config()
+  c.data.limit, c.optimizer.schedule = 4, 'constant'  # (warmup would start at lr 0)
+  task = lm.Denoising.from_config(c, Model(module, params, 'smollm2-2', module.logical_axes))
+  batch = next(task.batches('train', 2, seed=0))
+  names = [n for n in methods.REGISTRY if n != 'probe']  # no head here: probe trains nothing
+  for name in names:
+    block = minilm_vader.method_config(name)
+    block |= {'targets': ul2r_smollm2_lora.TARGETS} if 'targets' in block else {}
+    adapter = method_from_config(ml_collections.ConfigDict(block))
+    frozen, state = adapter.init(jax.random.key(0), params,
+                                 calib=task.calibration({}, lambda: [batch]))
+    tx = S.make_optimizer(c.optimizer, adapter, 10)
+    train_state = S.init_state({'adapter': state, 'head': {}}, tx)
+    new, out = jax.jit(S.make_train_step(task, adapter, tx, 0))(train_state, frozen, batch)
+    assert np.isfinite(float(out['loss'])), name
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.trainable['adapter'], state)
+    assert any(jax.tree.leaves(moved)), f'{name}: the step changed nothing'
