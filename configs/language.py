@@ -28,6 +28,14 @@ def ul2(model: dict, method: dict, *, fmt: str, tokenizer: str, length: int,
       'examples_per_row': 1, 'limit': 0, 'eval_limit': 0}, method)
 
 
+def causal_lm(model: dict, method: dict, *, tokenizer: str, length: int,
+              corpus: str = 'austen', vocab_size: int = 8192):
+  """Next-token prediction over `corpus` in rows of `length` tokens (`peftjax.tasks.lm`)."""
+  return _experiment('causal_lm', model, {
+      'corpus': corpus, 'tokenizer': tokenizer, 'vocab_size': vocab_size, 'length': length,
+      'limit': 0, 'eval_limit': 0}, method)
+
+
 def sentiment(model: dict, method: dict, *, fmt: str, tokenizer: str, paradigm: str = '[NLU]',
               corpus: str = 'austen', vocab_size: int = 8192):
   """VADER movie-review sentiment as text-to-text: sentence -> 'negative' / 'positive'."""

@@ -1,11 +1,14 @@
-"""Measures a trained run's adapter on any split or domain, without training.
+"""Measures a trained run's adapter, or a config's model as it is, on any split or domain.
 
   python -m experiments.evaluate --workdir=runs/minilm_vader_lora [--config.data.domain=tweets] [--splits=test,val] [--output=FILE]
+  python -m experiments.evaluate --config=configs/smollm2_austen.py [--splits=test] [--output=FILE]
 
-The config is the run's own (`WORKDIR/config.json`), changed by any `--config.KEY=VALUE`;
-the adapter is `WORKDIR/adapter`. Prints the metrics and writes them as JSON to `--output`
-(default `WORKDIR/eval/DOMAIN.json`, or `WORKDIR/eval/metrics.json` for a data set without
-domains).
+With `--workdir`, the config is the run's own (`WORKDIR/config.json`), changed by any
+`--config.KEY=VALUE`, and the adapter is `WORKDIR/adapter`; with a config file alone, its
+model is measured without an adapter (e.g. a pretrained LM's held-out loss). Prints the
+metrics and writes them as JSON to `--output` (default `WORKDIR/eval/DOMAIN.json`, or
+`WORKDIR/eval/metrics.json` for a data set without domains; `runs/eval/CONFIG.json` without a
+workdir).
 """
 from __future__ import annotations
 
@@ -22,16 +25,17 @@ from experiments import cli
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a finished run: its config.json and adapter/')
 _SPLITS = flags.DEFINE_list('splits', ['test'], 'splits to measure')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON file for the metrics')
-flags.mark_flags_as_required(['workdir'])
 
 
-def saved_config(argv) -> ml_collections.ConfigDict:
-  """The config.json of the --workdir in `argv` (read before the flags are parsed, so that
+def _flag(argv, name: str) -> str | None:
+  values = [a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')]
+  return values[-1] if values else None
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config.json of a run (read before the flags are parsed, so that
   `--config.KEY=VALUE` can change it)."""
-  values = [a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')]
-  if not values:
-    sys.exit('error: --workdir=DIR (a finished run) is required')
-  path = pathlib.Path(values[-1]) / 'config.json'
+  path = pathlib.Path(workdir) / 'config.json'
   if not path.exists():
     sys.exit(f'error: {path} does not exist: --workdir must be a run made by experiments.run')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -42,20 +46,30 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from peftjax.train.loop import evaluate_adapter  # pylint: disable=g-import-not-at-top
-  config, workdir = flags.FLAGS.config, pathlib.Path(_WORKDIR.value)
-  metrics = cli.run_cleanly(
-      lambda: evaluate_adapter(config, workdir / 'adapter', tuple(_SPLITS.value)))
+  config = cli.loaded(flags.FLAGS.config)
+  workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
+  adapter = workdir / 'adapter' if workdir else None
+  metrics = cli.run_cleanly(lambda: evaluate_adapter(config, adapter, tuple(_SPLITS.value)))
   domain = config.data.get('domain')
-  out = {'workdir': str(workdir), 'data': config.data.to_dict(), 'metrics': metrics}
-  path = pathlib.Path(_OUTPUT.value or workdir / 'eval' / f'{domain or "metrics"}.json')
+  out = {'workdir': str(workdir or ''), 'data': config.data.to_dict(), 'metrics': metrics}
+  default = (workdir / 'eval' / f'{domain or "metrics"}.json' if workdir else
+             pathlib.Path('runs/eval') / f'{pathlib.Path(_flag(sys.argv, "config")).stem}.json')
+  path = pathlib.Path(_OUTPUT.value or default)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=2) + '\n')
   for split, values in metrics.items():
-    print(f'{config.data.name}{"/" + domain if domain else ""} {split}: '
+    print(f'{config.data.get("name") or config.data.get("corpus")}'
+          f'{"/" + domain if domain else ""} {split}: '
           + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
   print(f'written to {path}')
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_dict('config', saved_config(sys.argv), lock_config=True)
+  _workdir = _flag(sys.argv, 'workdir')
+  if _workdir:
+    config_flags.DEFINE_config_dict('config', saved_config(_workdir), lock_config=True)
+  elif _flag(sys.argv, 'config'):
+    config_flags.DEFINE_config_file('config', None, 'a config file', lock_config=True)
+  else:
+    sys.exit('error: give --workdir=DIR (a finished run) or --config=FILE (a model as it is)')
   app.run(main, flags_parser=cli.parse)
