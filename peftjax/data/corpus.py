@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from peftjax.data import assets, austen, vader
 from peftjax.io import files
@@ -131,8 +132,12 @@ def data_dir() -> pathlib.Path:
 def _prepared(corpus: str, root: str) -> TextCorpus:
   source = _source(corpus)
   builder = TextCorpus(config=corpus, data_dir=root, file_format='array_record')
-  with tfds.display_progress_bar(False):
+  shown = tqdm_utils._active  # pylint: disable=protected-access
+  tfds.display_progress_bar(False)  # a build takes seconds: no bars in the run's log
+  try:
     builder.download_and_prepare()  # Returns at once if the version's folder is complete.
+  finally:
+    tfds.display_progress_bar(shown)
   built = tfds.builder_from_directory(builder.data_dir)
   expected, got = fingerprint(corpus), built.info.metadata.get('fingerprint')
   if got != expected:
