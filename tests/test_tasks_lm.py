@@ -31,6 +31,10 @@ def test_special_ids_are_the_tokenizers_own_or_its_last_ids(toks):
   assert lm.special_ids(bare, ('[S2S]',), 0) == ([], {'[S2S]': 397})
   with pytest.raises(ValueError, match="paradigm token '<x>' is not in the tokenizer"):
     lm.special_ids(bare, ('<x>',), 3)
+  with pytest.raises(ValueError, match='the tokenizer has 20 sentinels'):
+    lm.special_ids(own, (), 21)
+  assert ul2.num_sentinels(128, ul2.UL2R.denoisers[2]) == 21  # X(0.5, 3): round(64 / 3)
+  assert ul2.num_sentinels(128, ul2.UL2R.denoisers[3]) == 0  # S
 
 
 def _denoising(fmt, per_row, mixture=ul2.UL2):

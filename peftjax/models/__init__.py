@@ -44,11 +44,13 @@ def build(config, seed: int = 0) -> Model:
 
 def _build(config, seed: int) -> Model:
   """`name='minilm'`: pretrained MiniLM-L6; `name='bert'`: random init of the given sizes
-  (MiniLM's vocabulary), for tests and ablations. `remat=True` (either model) recomputes each
-  block's activations in the backward pass. Both run `(input_ids, attention_mask, train=)`
+  (MiniLM's vocabulary), for tests and ablations. Both run `(input_ids, attention_mask, train=)`
   and return the last hidden states. `name='smollm2'`: pretrained SmolLM2-135M-Instruct;
   `name='llama'`: a random LLaMA of the given `LlamaConfig` sizes. Both run
-  `(input_ids, segment_ids=, positions=, prefix=, train=)` and return next-token logits."""
+  `(input_ids, segment_ids=, positions=, prefix=, train=)` and return next-token logits.
+  `name='t5'`: random init of a T5 encoder-decoder of the given `T5Config` fields
+  (`peftjax.models.t5`). `remat=True` (any model) recomputes each block's activations in the
+  backward pass."""
   from peftjax.models import minilm
   from peftjax.models.bert import Bert, BertConfig
   remat = bool(config.get('remat', False))
@@ -65,8 +67,11 @@ def _build(config, seed: int) -> Model:
     return Model(module, params, f'random-bert-seed{seed}', module.logical_axes)
   if config.name in ('smollm2', 'llama'):
     return _build_llama(config, seed, remat)
-  raise ValueError(f"unknown model {config.name!r}; expected 'minilm', 'bert', 'smollm2' or "
-                   "'llama'")
+  if config.name == 't5':
+    from peftjax.models import t5
+    return t5.init(t5.T5Config(**_sizes(config)), seed, remat=remat)
+  raise ValueError(f"unknown model {config.name!r}; expected 'minilm', 'bert', 'smollm2', "
+                   "'llama' or 't5'")
 
 
 def _build_llama(config, seed: int, remat: bool) -> Model:

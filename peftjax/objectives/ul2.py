@@ -286,6 +286,13 @@ def corrupted_lengths(length: int, d: Denoiser) -> tuple[int, int]:
   return length - noise + spans + extra, noise + spans
 
 
+def num_sentinels(length: int, d: Denoiser) -> int:
+  """Sentinels that `corrupt` uses on `length` tokens (one per noise span; none for S)."""
+  if d.kind == 'S':
+    return 0
+  return 1 if length < 2 else _span_counts(length, d.noise_density, d.mean_span)[1]
+
+
 def fit_length(inputs_length: int, targets_length: int, d: Denoiser) -> int:
   """The most raw tokens whose corruption by `d` fits `inputs_length` and `targets_length`
   (paradigm token included; no EOS): what T5's `random_spans_helper` computes for chunking."""

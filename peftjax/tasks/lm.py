@@ -71,9 +71,13 @@ def special_ids(tok, paradigm_tokens, num_sentinels: int) -> tuple[list[int], di
       raise ValueError(f'paradigm token {t!r} is not in the tokenizer; add it there, or use '
                        f'one of {canonical}')
   own = [tok.token_to_id(f'<extra_id_{i}>') for i in range(num_sentinels)]
+  if None not in own:
+    return own, paradigm
+  if own[0] is not None:
+    raise ValueError(f'the tokenizer has {own.index(None)} sentinels (<extra_id_i>); '
+                     f'{num_sentinels} are needed: shorter chunks, or more sentinels')
   top = vocab - 1 - len(canonical)
-  sentinels = own if None not in own else list(range(top, top - num_sentinels, -1))
-  return sentinels, paradigm
+  return list(range(top, top - num_sentinels, -1)), paradigm
 
 
 def _eos_id(tok) -> int:
@@ -236,8 +240,8 @@ class Denoising(_PackedLM):
     model, tok, eos = _model_and_tokens(config, model)
     mixture = ul2.make_mixture(d.mixture, weights=tuple(d.weights) or None,
                                paradigm_tokens=None if d.paradigm else {})
-    spans = max(ul2.corrupted_lengths(d.length, x)[1] for x in mixture.denoisers)
-    sentinels, paradigm = special_ids(tok, mixture.paradigm_tokens, min(spans, d.length))
+    spans = max(ul2.num_sentinels(d.length, x) for x in mixture.denoisers)
+    sentinels, paradigm = special_ids(tok, mixture.paradigm_tokens, spans)
     return cls(model, _chunks(d, tok, eos), mixture, d.format, sentinel_ids=sentinels,
                paradigm_ids=paradigm, bos_id=eos, examples_per_row=d.examples_per_row)
 
