@@ -1,20 +1,31 @@
-"""Train-step time and peak memory of LoRA vs full fine-tuning (and the probe) on MiniLM-L6.
+"""Train-step time and peak memory of LoRA vs full fine-tuning (and the probe), MiniLM or LM.
 
-  python -m experiments.bench [--seq_len 64] [--steps 20] [--rounds 2] [--json PATH]
-                              [--methods lora,full,probe,lora@bf16] [--no-torch] [--model tiny]
+  python -m experiments.bench [--model minilm|tiny|smollm2|tiny-llama] [--methods lora,full]
+                              [--seq_len N] [--steps 20] [--rounds 2] [--json PATH]
+                              [--no-torch] [--torch_python PATH] [--config MODULE] [--layers N]
 
-Each method comes from its experiment config (`configs/minilm_vader_<method>.py`): the same
-method, optimiser, seed and batch size as the main job, on a batch of `batch_size x seq_len`
-random token ids with a full attention mask, through the trainer's jitted, donating
-`make_train_step`. Every configuration runs in its own subprocess, so that its peak RSS is its
-own: the child compiles, warms up, then times `--steps` steps, each to `block_until_ready`.
-Rounds interleave the configurations (lora, full, probe, lora, ...) so that machine noise hits
-all alike; the report gives the median over rounds of each round's median step time.
+MiniLM (`minilm`, or `tiny`: a random 2-layer BERT): each method comes from its experiment
+config (`configs/minilm_vader_<method>.py`), on a batch of `batch_size x seq_len` random
+token ids with a full attention mask. Language models (`smollm2`: SmolLM2-135M; `tiny-llama`:
+a random 2-layer Llama): every method from one LM config (`--config`, default
+`configs/ul2r_smollm2_lora.py`: LoRA as configured, `full` with the config's optimiser), on a
+`batch_size x row length` prefix-LM batch of the config's task (random tokens, one segment
+per row, the first half the prefix), reported in tokens/s too; `--layers N` keeps the first N
+decoder layers (quick checks).
 
-Where `torch`, `transformers` and `peft` are installed, the same steps also run in HF
-transformers + HF PEFT on the same weights (`BertModel`, mean pooling, `Linear(width, 2)`,
-LoRA on the HF modules that the config's targets select, AdamW with the config's settings),
-as extra rows with the time ratio peftjax / torch. torch is never required.
+Every peftjax run goes through the trainer's own `prepare` (the sharded, donating jitted
+step of a real run), same method, optimiser, seed and batch size as the config. Every
+configuration runs in its own subprocess, so that its peak RSS is its own: the child
+compiles, warms up, then times `--steps` steps, each to `block_until_ready`. Rounds
+interleave the configurations (lora, full, probe, lora, ...) so that machine noise hits all
+alike; the report gives the median over rounds of each round's median step time.
+
+Where `torch`, `transformers` and `peft` are installed (in this interpreter or in
+`--torch_python`), the same steps also run in HF transformers + HF PEFT on the same weights
+(`experiments.bench_torch`): LoRA on the HF modules that the config's targets select, AdamW
+with the config's settings; for a language model our params are exported once per command to
+an HF `LlamaForCausalLM` checkpoint whose logits must match ours before timing. torch is
+never required.
 
 A method may carry variants after `@`, joined by `+`: `lora@bf16` (train.compute_dtype
 bfloat16), `lora@remat` (model.remat), `lora@bf16+remat`; these rows have no torch twin.
@@ -23,23 +34,26 @@ This file measures; `peftjax.benchmark` loads the configs, plans the torch twin 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
 import platform
-import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-from peftjax.benchmark import JAX, TORCH, load_config, ratios, report, summarize, torch_plan
+from experiments.bench_torch import (BATCH_FILE, NUM_CLASSES, REFERENCE_FILE, RESULT_MARK,
+                                     make_batch, timed)
+from peftjax.benchmark import (JAX, LM_CONFIG, TORCH, first_layers, is_lm, lm_row_length,
+                               load_config, ratios, report, summarize, torch_plan)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RESULT_MARK = 'BENCH_RESULT '
-NUM_CLASSES = 2  # VADER sentiment: rating > 0.
+EXPORT = 'export'  # the job that writes a language model's torch twin
+REFERENCE_TOKENS = 16
 _CHILD_TIMEOUT_S = 3600
 
 
@@ -48,29 +62,35 @@ def config_module(method: str) -> str:
   return method if '.' in method else f'configs.minilm_vader_{method}'
 
 
-def make_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
-  """Random token ids in [1000, vocab) (past BERT's special and unused ids), full mask."""
+def lm_batch(task, batch_size: int, seed: int = 0) -> dict:
+  """The task's prefix-LM batch of `batch_size` rows, each one example that fills the row:
+  random tokens in [0, vocab), the first half of the row the inputs (prefix)."""
   rng = np.random.default_rng(seed)
-  low = min(1000, vocab_size - 1)
-  return {'input_ids': rng.integers(low, vocab_size, (batch_size, seq_len), dtype=np.int32),
-          'attention_mask': np.ones((batch_size, seq_len), np.int32),
-          'labels': rng.integers(0, NUM_CLASSES, (batch_size,), dtype=np.int32),
-          'weights': np.ones((batch_size,), np.float32)}
-
-
-def _stats(times_s) -> dict:
-  ms = np.asarray(times_s) * 1e3
-  p10, p50, p90 = np.percentile(ms, [10, 50, 90])
-  return {'median_ms': float(p50), 'p10_ms': float(p10), 'p90_ms': float(p90),
-          'times_ms': [round(float(t), 3) for t in ms]}
-
-
-def peak_rss_gb() -> float:
-  """This process's peak resident set size in GB (10^9 bytes); Linux reports KiB."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+  length, vocab = task.rows['length'], task.model.module.config.vocab_size
+  half = length // 2
+  return task.pack([(rng.integers(0, vocab, half, dtype=np.int32),
+                     rng.integers(0, vocab, length - half, dtype=np.int32))
+                    for _ in range(batch_size)])
 
 
 # The children: one configuration each.
+
+
+def _setup(spec: dict):
+  """(config, model, task, numpy batch) of a peftjax child."""
+  from peftjax.models import build  # pylint: disable=g-import-not-at-top
+  from peftjax.tasks.classification import SentenceClassification  # pylint: disable=g-import-not-at-top
+  from peftjax.tasks.lm import CausalLM  # pylint: disable=g-import-not-at-top
+  config = load_config(spec['config'], spec['model'], spec.get('variant', ''),
+                       spec.get('method', ''))
+  model = first_layers(build(config.model, config.seed), spec.get('layers', 0))
+  size = config.train.batch_size
+  if is_lm(spec['model']):  # CausalLM packs (inputs, targets) into prefix-LM rows, as UL2's.
+    task = CausalLM(model, {'train': np.zeros((1, spec['seq_len']), np.int32)}, bos_id=0)
+    return config, model, task, lm_batch(task, size)
+  task = SentenceClassification(model, {}, num_classes=NUM_CLASSES)
+  return config, model, task, make_batch(size, spec['seq_len'],
+                                         model.module.config.vocab_size)
 
 
 def measure_jax(spec: dict) -> dict:
@@ -78,16 +98,12 @@ def measure_jax(spec: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   from peftjax.core.adapter import num_params  # pylint: disable=g-import-not-at-top
-  from peftjax.models import build  # pylint: disable=g-import-not-at-top
-  from peftjax.tasks.classification import SentenceClassification  # pylint: disable=g-import-not-at-top
   from peftjax.parallel import mesh as M  # pylint: disable=g-import-not-at-top
   from peftjax.train import step as S  # pylint: disable=g-import-not-at-top
   from peftjax.train.loop import method_from_config, prepare  # pylint: disable=g-import-not-at-top
 
   tic = time.perf_counter()
-  config = load_config(spec['config'], spec['model'], spec.get('variant', ''))
-  model = build(config.model, config.seed)
-  task = SentenceClassification(model, {}, num_classes=NUM_CLASSES)  # batches come from here
+  config, model, task, batch = _setup(spec)
   adapter = method_from_config(config.method)
   k_adapter, k_head = jax.random.split(jax.random.key(config.seed))
   frozen, adapter_state = adapter.init(k_adapter, model.params)
@@ -96,30 +112,26 @@ def measure_jax(spec: dict) -> dict:
 
   run = prepare(config, task, adapter, frozen, {'adapter': adapter_state, 'head': head}, tx)
   state, frozen = run.state, run.frozen
-  batch = M.put(make_batch(config.train.batch_size, spec['seq_len'],
-                           model.module.config.vocab_size), run.batch_sharding)
+  shape = list(batch['input_ids'].shape)
+  batch = M.put(batch, run.batch_sharding)
   setup_s = time.perf_counter() - tic
 
   tic = time.perf_counter()
   compiled = run.train_step.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - tic
-  for _ in range(spec['warmup']):
+
+  def step():
+    nonlocal state
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(spec['steps']):
-    tic = time.perf_counter()
-    state, metrics = compiled(state, frozen, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - tic)
-  loss = float(metrics['loss'])
+    return metrics['loss']
+
+  measured = timed(step, spec)
   device = jax.devices()[0]
   return {
       'framework': JAX, 'method': config.method.name,
-      'trainable_params': num_params(state.trainable),
-      'batch_shape': [config.train.batch_size, spec['seq_len']],
-      **_stats(times), 'peak_rss_gb': peak_rss_gb(), 'setup_s': setup_s,
-      'compile_s': compile_s, 'final_loss': loss,
+      'trainable_params': num_params(state.trainable), 'batch_shape': shape,
+      **measured, 'setup_s': setup_s, 'compile_s': compile_s,
       'info': {'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
                'backend': jax.default_backend(), 'device': str(device),
                'device_kind': device.device_kind, 'devices': jax.device_count(),
@@ -127,89 +139,47 @@ def measure_jax(spec: dict) -> dict:
   }
 
 
-def measure_torch(spec: dict) -> dict:
-  """Times the same step in HF transformers + HF PEFT; `spec['hf']` comes from `torch_plan`."""
-  import peft  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-
-  tic = time.perf_counter()
-  torch.set_num_threads(spec['threads'])
-  torch.manual_seed(spec['seed'])
-  hf, opt = spec['hf'], spec['optimizer']
-  if hf.get('path'):
-    bert = transformers.BertModel.from_pretrained(hf['path'], add_pooling_layer=False)
-  else:
-    bert = transformers.BertModel(transformers.BertConfig(**hf['config']),
-                                  add_pooling_layer=False)
-  bert.requires_grad_(False)
-  if hf['lora'] is not None:
-    bert = peft.get_peft_model(bert, peft.LoraConfig(**hf['lora']))
-  trainable = set(hf['trainable'])
-  for name, p in bert.named_parameters():
-    if name.removeprefix('base_model.model.') in trainable:
-      p.requires_grad_(True)
-  head = torch.nn.Linear(bert.config.hidden_size, NUM_CLASSES)
-  bert.train()
-  head.train()
-  params = [p for p in [*bert.parameters(), *head.parameters()] if p.requires_grad]
-  optimizer = torch.optim.AdamW(params, lr=opt['lr'], betas=(opt['b1'], opt['b2']),
-                                eps=opt['eps'], weight_decay=opt['weight_decay'])
-  batch = {k: torch.from_numpy(v) for k, v in make_batch(
-      spec['batch_size'], spec['seq_len'], bert.config.vocab_size).items()}
-  mask = batch['attention_mask'].unsqueeze(-1).float()
-
-  def step():
-    optimizer.zero_grad(set_to_none=True)
-    hidden = bert(input_ids=batch['input_ids'],
-                  attention_mask=batch['attention_mask']).last_hidden_state
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    loss = torch.nn.functional.cross_entropy(head(pooled), batch['labels'].long())
-    loss.backward()
-    if opt.get('clip_norm'):
-      torch.nn.utils.clip_grad_norm_(params, opt['clip_norm'])
-    optimizer.step()
-    return loss.item()
-
-  setup_s = time.perf_counter() - tic
-  for _ in range(spec['warmup']):
-    step()
-  times = []
-  for _ in range(spec['steps']):
-    tic = time.perf_counter()
-    loss = step()
-    times.append(time.perf_counter() - tic)
-  return {
-      'framework': TORCH, 'method': spec['method'],
-      'trainable_params': int(sum(p.numel() for p in params)),
-      'batch_shape': [spec['batch_size'], spec['seq_len']],
-      **_stats(times), 'peak_rss_gb': peak_rss_gb(), 'setup_s': setup_s, 'final_loss': loss,
-      'info': {'torch': torch.__version__, 'transformers': transformers.__version__,
-               'peft': peft.__version__, 'torch_threads': torch.get_num_threads(),
-               'attn_implementation': getattr(bert.config, '_attn_implementation', None)},
-  }
+def export_llama_twin(model, batch: dict, directory) -> pathlib.Path:
+  """Writes the torch twin of a `Llama` model into `directory`: the HF checkpoint of its
+  params, the batch the twin times, and our (causal) logits on the first
+  `REFERENCE_TOKENS` tokens of its first row, which the twin must reproduce."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from peftjax.models import hf_llama  # pylint: disable=g-import-not-at-top
+  directory = hf_llama.save(model.module.config, model.params, directory)
+  ids = batch['input_ids'][:1, :REFERENCE_TOKENS]
+  logits = jax.jit(lambda p, x: model.apply(p, x))(model.params, ids)
+  np.savez(directory / REFERENCE_FILE, input_ids=ids, logits=np.asarray(logits, np.float32))
+  np.savez(directory / BATCH_FILE, **{k: batch[k] for k in ('input_ids', 'targets', 'weights')})
+  return directory
 
 
 def measure(spec: dict) -> dict:
-  """Measures one configuration (run it in a fresh process for a meaningful peak RSS)."""
-  result = measure_torch(spec) if spec['framework'] == TORCH else measure_jax(spec)
-  return {'name': spec['name'], **result}
+  """Measures one configuration (run it in a fresh process for a meaningful peak RSS), or
+  exports a language model's torch twin (`framework` 'export')."""
+  if spec['framework'] == EXPORT:
+    _, model, _, batch = _setup(spec)
+    return {'name': spec['name'], 'path': str(export_llama_twin(model, batch, spec['path']))}
+  return {'name': spec['name'], **measure_jax(spec)}
 
 
 # The parent: plan, run the children, report.
 
 
-def torch_available() -> bool:
-  return all(importlib.util.find_spec(m) is not None for m in ('torch', 'transformers', 'peft'))
+def torch_available(python: str) -> bool:
+  """Whether `python` imports torch, transformers and peft."""
+  code = ('import importlib.util as u, sys; '
+          'sys.exit(any(u.find_spec(m) is None for m in ("torch", "transformers", "peft")))')
+  return subprocess.run([python, '-c', code], capture_output=True, check=False).returncode == 0
 
 
 def describe_method(config) -> str:
-  m = {k: v for k, v in config.method.to_dict().items() if k != 'name'}
+  m = {k: v for k, v in config.method.to_dict().items() if k not in ('name', 'init')}
   args = ', '.join(f'{k}={list(v) if isinstance(v, tuple) else v}' for k, v in m.items())
   o = config.optimizer
   extras = [f'{config.train.compute_dtype} compute'] if config.train.get(
       'compute_dtype', 'float32') != 'float32' else []
   extras += ['remat per block'] if config.model.get('remat') else []
+  extras += [f'clip norm {o.clip_norm:g}'] if o.get('clip_norm') else []
   return (f'{config.method.name}({args}); AdamW lr {o.lr:g}, wd {o.weight_decay:g}, '
           f'{o.get("schedule", "constant")}' + ''.join(f'; {e}' for e in extras))
 
@@ -217,32 +187,40 @@ def describe_method(config) -> str:
 def plan(args) -> tuple[dict[str, dict], dict[str, str]]:
   """Child specs by run name (peftjax ones first), and a description of each method."""
   specs, described, torch_specs = {}, {}, {}
-  common = {'model': args.model, 'seq_len': args.seq_len, 'steps': args.steps,
-            'warmup': args.warmup}
+  lm = is_lm(args.model)
+  common = {'model': args.model, 'steps': args.steps, 'warmup': args.warmup,
+            'layers': args.layers}
   for method in args.methods:
     base, _, variant = method.partition('@')
-    module = config_module(base)
-    config = load_config(module, args.model, variant)
+    module = args.config if lm else config_module(base)
+    config = load_config(module, args.model, variant, base if lm else '')
+    seq_len = args.seq_len or (lm_row_length(config) if lm else 64)
     described[method] = describe_method(config)
     specs[method] = {'name': method, 'framework': JAX, 'config': module, 'variant': variant,
-                     **common}
+                     'method': base if lm else '', 'seq_len': seq_len, **common}
     if args.torch and not variant:
-      hf = torch_plan(config, args.model)
+      hf = torch_plan(config, args.model, args.layers)
       if hf is None:
         print(f'note: no torch counterpart for {method}', file=sys.stderr)
         continue
       torch_specs[f'torch-{method}'] = {
           'name': f'torch-{method}', 'framework': TORCH, 'method': method, 'hf': hf,
-          'seed': config.seed, 'batch_size': config.train.batch_size,
+          'kind': 'llama' if lm else 'bert', 'seed': config.seed,
+          'batch_size': config.train.batch_size, 'seq_len': seq_len,
           'optimizer': {k: config.optimizer.get(k) for k in
-                        ('lr', 'weight_decay', 'b1', 'b2', 'eps', 'clip_norm')},
+                        ('lr', 'weight_decay', 'b1', 'b2', 'eps', 'clip_norm', 'schedule',
+                         'warmup_steps')},
           'threads': args.torch_threads, **common}
   return {**specs, **torch_specs}, described
 
 
-def run_child(spec: dict) -> dict:
-  """Runs `measure(spec)` in a fresh interpreter; returns its result or an `error`."""
-  cmd = [sys.executable, '-m', 'experiments.bench', '--one', json.dumps(spec)]
+def run_child(spec: dict, torch_python: str = sys.executable) -> dict:
+  """Runs one configuration in a fresh interpreter (`torch_python` for the torch twin);
+  returns its result or an `error`."""
+  if spec['framework'] == TORCH:
+    cmd = [torch_python, '-m', 'experiments.bench_torch', json.dumps(spec)]
+  else:
+    cmd = [sys.executable, '-m', 'experiments.bench', '--one', json.dumps(spec)]
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
   try:
@@ -255,6 +233,20 @@ def run_child(spec: dict) -> dict:
       return json.loads(line[len(RESULT_MARK):])
   tail = '\n'.join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
   return {'name': spec['name'], 'error': f'exit {proc.returncode}: {tail}'}
+
+
+def export_twin(specs: dict, directory: str) -> str | None:
+  """For a language model with torch runs: exports the twin into `directory` once and points
+  the torch specs there; returns the export's error, if any."""
+  twins = [s for s in specs.values() if s['framework'] == TORCH and s['kind'] == 'llama']
+  if not twins:
+    return None
+  job = {**next(s for s in specs.values() if s['framework'] == JAX), 'name': EXPORT,
+         'framework': EXPORT, 'path': directory}
+  res = run_child(job)
+  for s in twins:
+    s['hf'] = {**s['hf'], 'path': directory}
+  return res.get('error')
 
 
 def environment(summary: dict, args) -> dict:
@@ -274,38 +266,66 @@ def environment(summary: dict, args) -> dict:
   env['threads'] = (f'{cores} core(s) available (os.cpu_count {os.cpu_count()}); XLA:CPU uses '
                     f'all of them; XLA_FLAGS={env["xla_flags"] or "(unset)"}')
   if torch_info is not None:
+    check = torch_info.get('logits_max_abs_diff')
     env['torch'] = (f'torch {torch_info["torch"]}, transformers {torch_info["transformers"]}, '
                     f'peft {torch_info["peft"]}, {torch_info["torch_threads"]} torch thread(s), '
-                    f'attention {torch_info["attn_implementation"]}')
+                    f'attention {torch_info["attn_implementation"]}' +
+                    ('' if check is None else f'; its logits match peftjax\'s to {check:.1e} '
+                     f'(max abs) on {REFERENCE_TOKENS} tokens'))
   return env
+
+
+def _module(name: str) -> str:
+  """A config module from a module name or a file path (`configs/x.py` -> `configs.x`)."""
+  return name.removesuffix('.py').replace('/', '.') if name.endswith('.py') else name
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m experiments.bench', description=(
       'Train-step time and peak RSS of the configs\' methods (LoRA vs full fine-tuning).'))
-  parser.add_argument('--methods', default='lora,full,probe', type=lambda s: s.split(','),
-                      help='comma-separated methods (configs/minilm_vader_<m>.py) or config '
-                           'modules; default: %(default)s')
-  parser.add_argument('--seq_len', type=int, default=64,
-                      help='tokens per row (default %(default)s: the width of 69%% of the main '
-                           'job\'s batches, the rest are 48)')
+  parser.add_argument('--model', choices=('minilm', 'tiny', 'smollm2', 'tiny-llama'),
+                      default='minilm',
+                      help='pretrained MiniLM-L6 or a random 2-layer BERT (for tests); '
+                           'SmolLM2-135M or a random 2-layer Llama (for tests)')
+  parser.add_argument('--methods', default=None, type=lambda s: s.split(','),
+                      help='comma-separated methods (MiniLM: configs/minilm_vader_<m>.py or '
+                           'config modules; default lora,full,probe. LM: the LM config\'s '
+                           'own or full; default lora,full)')
+  parser.add_argument('--config', default=None,
+                      help=f'language models: the config (module or .py path; default '
+                           f'{LM_CONFIG})')
+  parser.add_argument('--layers', type=int, default=0,
+                      help='language models: keep only the first N decoder layers (quick '
+                           'checks; default: all)')
+  parser.add_argument('--seq_len', type=int, default=None,
+                      help='tokens per row (MiniLM default 64: the width of 69%% of the main '
+                           'job\'s batches, the rest are 48; LM default: the config task\'s '
+                           'row length)')
   parser.add_argument('--steps', type=int, default=20, help='timed steps per round')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
   parser.add_argument('--rounds', type=int, default=2, help='interleaved rounds')
-  parser.add_argument('--model', choices=('minilm', 'tiny'), default='minilm',
-                      help='pretrained MiniLM-L6, or a random 2-layer BERT (for tests)')
   parser.add_argument('--no-torch', dest='torch', action='store_false',
                       help='skip the torch+PEFT rows even if torch is installed')
+  parser.add_argument('--torch_python', default=sys.executable,
+                      help='the interpreter of the torch rows: one with torch, transformers, '
+                           'peft and numpy (default: this one)')
   parser.add_argument('--torch_threads', type=int, default=None,
                       help='torch intra-op threads (default: the cores available)')
   parser.add_argument('--json', metavar='PATH', help='also write the results here')
   parser.add_argument('--one', metavar='SPEC', help=argparse.SUPPRESS)  # A child's job.
   args = parser.parse_args(argv)
-  for name in ('seq_len', 'steps', 'rounds'):
+  for name in ('steps', 'rounds'):
     if getattr(args, name) < 1:
       parser.error(f'--{name} must be at least 1')
-  if args.warmup < 0:
-    parser.error('--warmup must be at least 0')
+  if args.seq_len is not None and args.seq_len < 1:
+    parser.error('--seq_len must be at least 1')
+  if args.warmup < 0 or args.layers < 0:
+    parser.error('--warmup and --layers must be at least 0')
+  lm = is_lm(args.model)
+  if not lm and (args.config or args.layers):
+    parser.error(f'--config and --layers are for language models, not --model {args.model}')
+  args.config = _module(args.config or LM_CONFIG) if lm else None
+  args.methods = args.methods or (['lora', 'full'] if lm else ['lora', 'full', 'probe'])
   if args.torch_threads is None:
     args.torch_threads = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
                           else os.cpu_count())
@@ -320,19 +340,27 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   load = os.getloadavg()
   load_before = ' '.join(f'{x:.2f}' for x in load)
-  if args.torch and not torch_available():
-    print('note: torch, transformers or peft not installed; peftjax rows only',
-          file=sys.stderr)
+  if args.torch and not torch_available(args.torch_python):
+    print(f'note: torch, transformers or peft not installed for {args.torch_python}; peftjax '
+          'rows only', file=sys.stderr)
     args.torch = False
   specs, described = plan(args)
   results = {name: [] for name in specs}
-  for r in range(args.rounds):
-    for name, spec in specs.items():
-      res = run_child(spec)
-      results[name].append(res)
-      done = ('failed: ' + res['error'].splitlines()[-1] if 'error' in res else
-              f'{res["median_ms"]:.1f} ms/step, peak RSS {res["peak_rss_gb"]:.2f} GB')
-      print(f'round {r + 1}/{args.rounds} {name}: {done}', file=sys.stderr, flush=True)
+  workdir = tempfile.mkdtemp(prefix='peftjax-bench-')
+  try:
+    failed = export_twin(specs, workdir)
+    for r in range(args.rounds):
+      for name, spec in specs.items():
+        if failed and spec['framework'] == TORCH:
+          res = {'name': name, 'error': f'exporting the torch twin failed: {failed}'}
+        else:
+          res = run_child(spec, args.torch_python)
+        results[name].append(res)
+        done = ('failed: ' + res['error'].splitlines()[-1] if 'error' in res else
+                f'{res["median_ms"]:.1f} ms/step, peak RSS {res["peak_rss_gb"]:.2f} GB')
+        print(f'round {r + 1}/{args.rounds} {name}: {done}', file=sys.stderr, flush=True)
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
   summary = {name: summarize(rounds) for name, rounds in results.items()}
   rat = ratios(summary)
   env = environment(summary, args)
@@ -340,7 +368,8 @@ def main(argv=None) -> int:
              load_after=' '.join(f'{x:.2f}' for x in os.getloadavg()),
              wall_s=time.perf_counter() - start,
              batch_shape=next((s['batch_shape'] for rounds in results.values()
-                               for s in rounds if 'batch_shape' in s), [None, args.seq_len]))
+                               for s in rounds if 'batch_shape' in s),
+                              [None, next(iter(specs.values()))['seq_len']]))
   text = report(summary, rat, env, described, args)
   print(text)
   if args.json:

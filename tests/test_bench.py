@@ -1,5 +1,6 @@
-"""The step-time benchmark on a tiny random BERT: the command (`experiments.bench`), its report
-and the torch twin's plan (`peftjax.benchmark`)."""
+"""The step-time benchmark on a tiny random BERT and a tiny random Llama: the command
+(`experiments.bench`), its report, the torch twin's plan (`peftjax.benchmark`) and, where
+torch is installed, the twin itself (`experiments.bench_torch`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,15 @@ import re
 import subprocess
 import sys
 
+import jax
+import ml_collections
+import numpy as np
 import pytest
 
+from experiments import bench, bench_torch
 from peftjax import benchmark
+from peftjax.models import TINY_LLAMA, build
+from peftjax.tasks.lm import CausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # LoRA r=8 on the 6 encoder matrices of 2 layers (hidden 32, FFN 64) plus a 32 x 2 head.
@@ -113,3 +120,111 @@ def test_torch_twin_trains_what_the_config_trains(tmp_path):
   assert twin['median_ms'] > 0 and twin['peak_rss_gb'] > 0
   assert saved['ratios']['peftjax_to_torch']['lora'] > 0
   assert '| torch+PEFT lora |' in proc.stdout
+
+
+# LoRA r=8 on the 7 projections of 2 layers of TINY_LLAMA (hidden 32, 4 heads of 8, 2 KV
+# heads, MLP 64): q, o 8·(32+32); k, v 8·(32+16); gate, up, down 8·(32+64).
+TINY_LLAMA_LORA_PARAMS = 2 * 8 * (2 * 64 + 2 * 48 + 3 * 96)
+
+
+def _lm_bench(*args, timeout=180):
+  return _bench('--model', 'tiny-llama', '--methods', 'lora,full', '--warmup', '0', *args,
+                timeout=timeout)
+
+
+def test_lm_command_reports_tokens_per_second(tmp_path):
+  out = tmp_path / 'bench.json'
+  proc = _lm_bench('--no-torch', '--json', str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| run | trainable params | tokens/s | step ms (median) | steps/s | ratio to full ' \
+         '(time) | peak RSS GB | steps peak RSS GB |' in proc.stdout
+  rows = _rows(proc.stdout)
+  assert set(rows) == {'peftjax lora', 'peftjax full'}
+  assert int(rows['peftjax lora'][0].replace(',', '')) == TINY_LLAMA_LORA_PARAMS
+  saved = json.loads(out.read_text())
+  assert saved['environment']['batch_shape'] == [8, 16]  # the LM config's batch size
+  lora = saved['runs']['lora']
+  assert lora['tokens_per_s'] == pytest.approx(8 * 16 * 1e3 / lora['median_ms'])
+  assert rows['peftjax lora'][1] == f'{lora["tokens_per_s"]:,.0f}'
+  assert 0 < lora['steps_peak_rss_gb'] <= lora['peak_rss_gb']
+  assert saved['ratios']['to_full']['full'] == 1.0
+
+
+def _tiny_llama(rope_theta: float = 10000.0, scale: float = 0.0):
+  """TINY_LLAMA at `rope_theta`; `scale` > 0 redraws every weight ~ N(0, scale) (norm scales
+  ~ N(1, scale)), so that a wrong mapping shows in the logits."""
+  model = build(ml_collections.ConfigDict({**TINY_LLAMA, 'rope_theta': rope_theta}))
+  if scale:
+    rng = np.random.default_rng(0)
+    model = model._replace(params=jax.tree.map(
+        lambda x: rng.normal(float(x.ndim == 1), scale, x.shape).astype(np.float32),
+        model.params))
+  return model
+
+
+def test_lm_batch_is_the_tasks_prefix_lm_rows():
+  config = benchmark.load_config(benchmark.LM_CONFIG, 'tiny-llama')
+  assert benchmark.lm_row_length(config) > config.data.length  # paradigm, sentinels, targets
+  model = benchmark.first_layers(_tiny_llama(), 1)
+  assert model.module.config.num_layers == 1 and 'layers_1' not in model.params
+  batch = bench.lm_batch(CausalLM(model, {'train': np.zeros((1, 10), np.int32)}, bos_id=0), 3)
+  assert batch['input_ids'].shape == (3, 10) and (batch['segment_ids'] == 1).all()
+  assert batch['input_ids'].max() < TINY_LLAMA['vocab_size']
+  np.testing.assert_array_equal(batch['prefix'][0], np.arange(10) <= 5)
+  np.testing.assert_array_equal(batch['weights'][0], np.arange(10) >= 5)
+  np.testing.assert_array_equal(batch['input_ids'][:, 1:], batch['targets'][:, :-1])
+
+
+def test_llama_twin_loads_our_weights_and_matches_our_logits(tmp_path):
+  for module in ('torch', 'transformers', 'peft', 'safetensors'):
+    pytest.importorskip(module)
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  config = benchmark.load_config(benchmark.LM_CONFIG, 'tiny-llama')
+  hf = benchmark.torch_plan(config, 'tiny-llama')
+  assert len(hf['lora']['target_modules']) == 2 * 7
+  assert 'model.layers.1.mlp.down_proj' in hf['lora']['target_modules']
+  assert (hf['lora']['r'], hf['lora']['lora_alpha'], hf['lora']['lora_dropout']) == (8, 16.0, 0.0)
+  full = benchmark.torch_plan(benchmark.load_config(benchmark.LM_CONFIG, 'tiny-llama', '',
+                                                    'full'), 'tiny-llama')
+  assert full['lora'] is None and 'model.embed_tokens.weight' in full['trainable']
+  assert hf['config']['tie_word_embeddings'] and 'lm_head.weight' not in full['trainable']
+
+  model = _tiny_llama(rope_theta=1e5, scale=0.3)  # SmolLM2's RoPE base
+  task = CausalLM(model, {'train': np.zeros((1, 24), np.int32)}, bos_id=0)
+  directory = bench.export_llama_twin(model, bench.lm_batch(task, 2), tmp_path / 'twin')
+  twin, diff = bench_torch.load_llama_twin(directory, transformers, torch)
+  assert diff <= bench_torch.LOGITS_ATOL
+  assert twin.config.rope_parameters['rope_theta'] == 1e5
+  assert sum(p.numel() for p in twin.parameters()) == sum(
+      x.size for x in jax.tree.leaves(model.params))
+
+  # Q rows in llama.cpp's interleaved RoPE layout (what smollm2.unpermute undoes): caught.
+  path = directory / 'model.safetensors'
+  tensors = safetensors.numpy.load_file(str(path))
+  q = tensors['model.layers.0.self_attn.q_proj.weight']
+  tensors['model.layers.0.self_attn.q_proj.weight'] = np.ascontiguousarray(
+      q.reshape(4, 2, 4, 32).swapaxes(1, 2).reshape(q.shape))
+  safetensors.numpy.save_file(tensors, str(path), metadata={'format': 'pt'})
+  with pytest.raises(ValueError, match="logits differ from peftjax's"):
+    bench_torch.load_llama_twin(directory, transformers, torch)
+
+
+def test_lm_torch_twin_trains_what_the_config_trains(tmp_path):
+  for module in ('torch', 'transformers', 'peft'):
+    pytest.importorskip(module)
+  out = tmp_path / 'bench.json'
+  proc = _lm_bench('--torch_threads', '1', '--json', str(out), timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads(out.read_text())
+  for method in ('lora', 'full'):
+    twin = saved['runs'][f'torch-{method}']
+    assert 'error' not in twin, twin['error']
+    assert twin['trainable_params'] == saved['runs'][method]['trainable_params']
+    assert twin['batch_shape'] == [8, 16] and twin['info']['logits_max_abs_diff'] <= 1e-3
+  assert saved['runs']['torch-lora']['trainable_params'] == TINY_LLAMA_LORA_PARAMS
+  assert saved['ratios']['tokens_peftjax_to_torch']['lora'] == pytest.approx(
+      1 / saved['ratios']['peftjax_to_torch']['lora'])
+  assert re.search(r'peftjax ÷ torch tokens/s: lora [\d.]+×', proc.stdout)
