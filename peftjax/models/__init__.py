@@ -30,9 +30,10 @@ class Model(NamedTuple):
 
 def build(config, seed: int = 0) -> Model:
   """`name='minilm'`: pretrained MiniLM-L6; `name='bert'`: random init of the given sizes
-  (MiniLM's vocabulary), for tests and ablations. `remat=True` (either model) recomputes each
+  (MiniLM's vocabulary), for tests and ablations. `remat=True` (any model) recomputes each
   block's activations in the backward pass. Both run `(input_ids, attention_mask, train=)`
-  and return the last hidden states."""
+  and return the last hidden states. `name='t5'`: random init of a T5 encoder-decoder of the
+  given `T5Config` fields (`peftjax.models.t5`; e.g. `t5.SMALL_CPU`, `t5.TINY_CPU`)."""
   from peftjax.models import minilm
   from peftjax.models.bert import Bert, BertConfig
   remat = bool(config.get('remat', False))
@@ -47,4 +48,8 @@ def build(config, seed: int = 0) -> Model:
     ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
     params = module.init(jax.random.key(seed), ids, ids + 1)['params']
     return Model(module, params, f'random-bert-seed{seed}', module.logical_axes)
-  raise ValueError(f"unknown model {config.name!r}; expected 'minilm' or 'bert'")
+  if config.name == 't5':
+    from peftjax.models import t5
+    sizes = {k: v for k, v in config.items() if k not in ('name', 'remat')}
+    return t5.init(t5.T5Config(**sizes), seed, remat=remat)
+  raise ValueError(f"unknown model {config.name!r}; expected 'minilm', 'bert' or 't5'")
