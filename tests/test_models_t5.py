@@ -375,10 +375,11 @@ def test_build_remat_dropout_and_the_preset(tiny):
                                              rngs={'dropout': jax.random.key(0)}))(tiny.params)
   evaluated, _ = forward(tiny.module, tiny.params, enc, dec)
   assert np.isfinite(trained).all() and np.abs(trained - evaluated).max() > 1e-2
-  preset = t5.T5(t5.T5Config(**{k: v for k, v in t5.SMALL_CPU.items() if k != 'name'}))
   ids = jnp.ones((1, 4), jnp.int32)
-  shapes = jax.eval_shape(preset.init, jax.random.key(0), ids, ids)['params']
-  assert sum(x.size for x in jax.tree.leaves(shapes)) == 13_637_376
+  for preset, count in ((t5.SMALL_CPU, 13_637_376), (t5.TINY_CPU, 4_459_520)):
+    module = t5.T5(t5.T5Config(**{k: v for k, v in preset.items() if k != 'name'}))
+    shapes = jax.eval_shape(module.init, jax.random.key(0), ids, ids)['params']
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == count
 
 
 def test_encoder_view_runs_sentence_classification(tiny):
