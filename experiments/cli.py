@@ -6,9 +6,13 @@ line saying what was expected; `--traceback` shows the whole traceback instead.
 """
 from __future__ import annotations
 
+import json
+import pathlib
 import sys
 
+import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'on an error, show the whole traceback')
 
@@ -49,3 +53,26 @@ def parse(argv):
   except (KeyError, AttributeError, ValueError, TypeError) as e:  # config_flags override errors
     message = str(e).encode().decode('unicode_escape').replace("'", '')
     sys.exit(f'error: unknown or invalid config key: {" ".join(message.split())}')
+
+
+def _flag(argv, name: str) -> str | None:
+  values = [a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')]
+  return values[-1] if values else None
+
+
+def define_run_or_config(argv) -> str | None:
+  """Defines `--config` as a finished run's `config.json` (`--workdir=DIR` in `argv`, read
+  before the flags are parsed so that `--config.KEY=VALUE` can change it) or as a config file
+  (`--config=FILE`, a model as it is); returns the workdir, or None."""
+  workdir = _flag(argv, 'workdir')
+  if workdir:
+    path = pathlib.Path(workdir) / 'config.json'
+    if not path.exists():
+      sys.exit(f'error: {path} does not exist: --workdir must be a run made by experiments.run')
+    saved = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config_flags.DEFINE_config_dict('config', saved, lock_config=True)
+  elif _flag(argv, 'config'):
+    config_flags.DEFINE_config_file('config', None, 'a config file', lock_config=True)
+  else:
+    sys.exit('error: give --workdir=DIR (a finished run) or --config=FILE (a model as it is)')
+  return workdir

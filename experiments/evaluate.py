@@ -16,29 +16,13 @@ import json
 import pathlib
 import sys
 
-import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a finished run: its config.json and adapter/')
 _SPLITS = flags.DEFINE_list('splits', ['test'], 'splits to measure')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON file for the metrics')
-
-
-def _flag(argv, name: str) -> str | None:
-  values = [a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')]
-  return values[-1] if values else None
-
-
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json of a run (read before the flags are parsed, so that
-  `--config.KEY=VALUE` can change it)."""
-  path = pathlib.Path(workdir) / 'config.json'
-  if not path.exists():
-    sys.exit(f'error: {path} does not exist: --workdir must be a run made by experiments.run')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def main(argv):
@@ -48,12 +32,13 @@ def main(argv):
   from peftjax.train.loop import evaluate_adapter  # pylint: disable=g-import-not-at-top
   config = cli.loaded(flags.FLAGS.config)
   workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
+  config_file = '' if workdir else flags.FLAGS['config'].config_filename
   adapter = workdir / 'adapter' if workdir else None
   metrics = cli.run_cleanly(lambda: evaluate_adapter(config, adapter, tuple(_SPLITS.value)))
   domain = config.data.get('domain')
   out = {'workdir': str(workdir or ''), 'data': config.data.to_dict(), 'metrics': metrics}
   default = (workdir / 'eval' / f'{domain or "metrics"}.json' if workdir else
-             pathlib.Path('runs/eval') / f'{pathlib.Path(_flag(sys.argv, "config")).stem}.json')
+             pathlib.Path('runs/eval') / f'{pathlib.Path(config_file).stem}.json')
   path = pathlib.Path(_OUTPUT.value or default)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=2) + '\n')
@@ -65,11 +50,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _workdir = _flag(sys.argv, 'workdir')
-  if _workdir:
-    config_flags.DEFINE_config_dict('config', saved_config(_workdir), lock_config=True)
-  elif _flag(sys.argv, 'config'):
-    config_flags.DEFINE_config_file('config', None, 'a config file', lock_config=True)
-  else:
-    sys.exit('error: give --workdir=DIR (a finished run) or --config=FILE (a model as it is)')
+  cli.define_run_or_config(sys.argv)
   app.run(main, flags_parser=cli.parse)

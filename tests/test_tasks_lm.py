@@ -125,6 +125,9 @@ def test_ul2r_config_runs_on_a_tiny_llama_and_measures_the_start(tmp_path):
   assert val[0]['step'] == 0 and val[-1]['step'] == 3
   assert summary['task'] == 'ul2' and np.isfinite(summary['test_loss'])
   assert summary['val_loss'] == min(r['loss'] for r in val if r['step'] > 0)
+  from experiments.generate import continuation
+  text = continuation(ul2r_smollm2_lora.get_config('tiny'), tmp_path, 'It is a truth', 3)
+  assert isinstance(text, str) and text
 
 
 @pytest.mark.long

@@ -80,7 +80,7 @@ def special_ids(tok, paradigm_tokens, num_sentinels: int) -> tuple[list[int], di
   return list(range(top, top - num_sentinels, -1)), paradigm
 
 
-def _eos_id(tok) -> int:
+def eos_id(tok) -> int:
   for t in ('</s>', '<|endoftext|>', '<|im_end|>', '<eos>'):
     if tok.token_to_id(t) is not None:
       return tok.token_to_id(t)
@@ -189,7 +189,7 @@ def _chunks(data, tok, eos_id):
 
 def _model_and_tokens(config, model):
   tok = load_tokenizer(config.data)
-  return model or build(config.model, config.seed), tok, _eos_id(tok)
+  return model or build(config.model, config.seed), tok, eos_id(tok)
 
 
 # ---------------------------------------------------------------- tasks
