@@ -95,6 +95,25 @@ def test_ul2_batches_are_fixed_for_eval_fresh_per_epoch_and_resumable():
   assert all(b[k].shape == spec[k].shape for b in e0 for k in spec)
 
 
+def test_unigram_loss_is_the_cross_entropy_of_target_frequencies():
+  class Module:  # only the vocabulary size is read
+    config = type('C', (), {'vocab_size': 400})
+
+  task = _denoising('encoder_decoder', 1)
+  task.model = type('M', (), {'module': Module})
+  train = [b for b in task.batches('train', 8, seed=0)]
+  counts = np.ones(400)
+  for b in train:
+    for t, w in zip(b['targets'].ravel(), b['weights'].ravel()):
+      counts[t] += w
+  p = counts / counts.sum()
+  val = list(task.batches('val', 8))
+  want = -sum(np.log(p[t]) for b in val for t, w in zip(b['targets'].ravel(),
+                                                        b['weights'].ravel()) if w)
+  want /= sum(b['weights'].sum() for b in val)
+  assert lm.unigram_loss(task, 8) == pytest.approx(want, rel=1e-9)
+
+
 def test_text_classification_ranks_the_class_words_at_the_first_target():
   words = [np.array([7, 9, 1]), np.array([8, 9, 1])]
   data = {'val': ([[3, 4, 5], [3, 4], [6], [5, 5, 5, 5]], np.array([0, 1, 1, 0]))}

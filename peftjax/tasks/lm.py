@@ -164,6 +164,22 @@ class _PackedLM(Task):
     return None  # encoder and decoder rows differ in length: every position counts
 
 
+def unigram_loss(task: _PackedLM, batch_size: int = 64, *, fit: str = 'train',
+                 measure: str = 'val') -> float:
+  """The per-token loss on `measure`'s targets of the best model that ignores its inputs: the
+  target-token frequencies of `fit` (add-one smoothed; train corrupted as in epoch 0)."""
+  vocab = task.model.module.config.vocab_size
+  counts = np.ones(vocab)
+  for batch in task.batches(fit, batch_size, seed=0 if fit == 'train' else None):
+    np.add.at(counts, batch['targets'].ravel(), batch['weights'].ravel())
+  logp = np.log(counts / counts.sum())
+  total = weight = 0.0
+  for batch in task.batches(measure, batch_size):
+    total -= float(np.sum(logp[batch['targets']] * batch['weights']))
+    weight += float(batch['weights'].sum())
+  return total / weight
+
+
 def _token_losses(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
