@@ -28,6 +28,7 @@ first, as T5 places its sentinels: the denoising stage teaches the model their n
 """
 from __future__ import annotations
 
+import abc
 from typing import Iterator
 
 import jax
@@ -102,11 +103,14 @@ class _PackedLM(Task):
     self.model, self.format, self.rows = model, fmt, rows
     self.bos_id, self.pad_id = bos_id, pad_id
 
+  @abc.abstractmethod
   def num_examples(self, split: str) -> int:
-    raise NotImplementedError
+    """Examples in `split`."""
 
+  @abc.abstractmethod
   def examples(self, split: str, index: np.ndarray, seed: int | None, epoch: int) -> list:
-    raise NotImplementedError
+    """`(inputs, targets)` token arrays of the examples at `index` (training: seeded by
+    `seed` and `epoch`; `seed=None`: the fixed evaluation form)."""
 
   def num_batches(self, split, batch_size):
     return -(-self.num_examples(split) // (batch_size * self.examples_per_row))
