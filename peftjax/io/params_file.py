@@ -2,9 +2,7 @@
 that the next stage starts from (`model.init`)."""
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import jax
 import numpy as np
@@ -12,6 +10,7 @@ import safetensors.numpy
 
 from peftjax.core import paths as P
 from peftjax.core.leaves import materialize
+from peftjax.io.files import atomic_write_bytes
 
 
 class ParamsFileError(ValueError):
@@ -20,18 +19,9 @@ class ParamsFileError(ValueError):
 
 def save_params(path, params) -> pathlib.Path:
   """Writes `params` (structured leaves materialised) to `path` in one rename."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tensors = {k: np.asarray(v) for k, v in P.flatten(jax.device_get(materialize(params))).items()}
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
-  os.close(fd)
-  try:
-    safetensors.numpy.save_file(tensors, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.remove(tmp)
-    raise
-  return path
+  flat = P.flatten(jax.device_get(materialize(params)))
+  atomic_write_bytes(path, safetensors.numpy.save({k: np.asarray(v) for k, v in flat.items()}))
+  return pathlib.Path(path)
 
 
 def load_params(path, like):
