@@ -10,6 +10,7 @@ chapters, byte-level BPE of 8192 tokens trained on them, 5 epochs (1,010 steps o
 warm-up + cosine; selection by held-out denoising loss on unseen chapters.
 Stage `finetune` starts from the merged result: sentence -> 'negative' / 'positive' with the
 '[NLU]' mode token, METHOD any method name (default `full`; e.g. `lora`).
+`:scratch` is the `finetune` stage alone from random init (the baseline without UL2), and
 `:tiny` runs both stages on a 2-layer model for a few steps (tests).
 """
 import ml_collections
@@ -26,8 +27,8 @@ TINY = {'name': 't5', 'vocab_size': 8192, 'd_model': 32, 'num_heads': 2, 'head_d
 
 
 def get_config(arg: str = 'full'):
-  tiny = arg == 'tiny'
-  method = 'lora' if tiny else arg
+  tiny, scratch = arg == 'tiny', arg == 'scratch'
+  method = 'lora' if tiny else 'full' if scratch else arg
   model = TINY if tiny else MODEL
   pre = language.ul2(model, {'name': 'full'}, fmt='encoder_decoder', tokenizer='bpe',
                      length=128)
@@ -48,4 +49,6 @@ def get_config(arg: str = 'full'):
       stage.data.limit = 64
       stage.train.update({'batch_size': 8, 'eval_batch_size': 16, 'epochs': 1, 'max_steps': 3,
                           'log_every': 1, 'checkpoint_every': 2, 'eval_at_start': False})
+  if scratch:
+    return fine
   return language.chain(ul2_pretrain=pre, finetune=fine)
