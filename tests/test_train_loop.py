@@ -87,6 +87,15 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     train(tiny(), tmp_path, resume=True)
 
 
+def test_max_steps_on_a_checkpoint_and_eval_step_mid_epoch(tmp_path):
+  summary = train(tiny(max_steps=4, eval_every=2), tmp_path)  # 5 steps per epoch
+  assert summary['steps'] == 4
+  val = [r['step'] for r in map(json.loads, (tmp_path / 'metrics.jsonl').open())
+         if r['kind'] == 'val']
+  assert val == [2, 4]  # step 4 is evaluated (and checkpointed) once, at the end
+  train(tiny(max_steps=4, eval_every=2), tmp_path, resume=True)  # a finished run resumes
+
+
 def test_probe_trains_only_the_head(tmp_path):
   summary = train(tiny('probe', epochs=1), tmp_path)
   assert summary['trainable_params'] == 32 * 2 + 2

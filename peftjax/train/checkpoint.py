@@ -29,6 +29,10 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, meta: dict):
+    """Saves step `step`, replacing a step of that number saved before (a run stopped
+    between its last checkpoint and its end, resumed: the same state, a later position)."""
+    if step in self._manager.all_steps():
+      self._manager.delete(step)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()

@@ -282,7 +282,8 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
         raise SystemExit(f'halted at step {step} (halt_at_step)')
       if step % tc.log_every == 0:
         flush(epoch)
-      if tc.eval_every and step % tc.eval_every == 0 and b + 1 < steps_per_epoch:
+      mid_epoch = b + 1 < steps_per_epoch and step < total_steps  # else evaluated below
+      if tc.eval_every and step % tc.eval_every == 0 and mid_epoch:
         flush(epoch)
         jax.block_until_ready(state)
         train_time += time.perf_counter() - tic
@@ -291,7 +292,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
           metrics.write([{'kind': 'val', 'step': step,
                           'epoch': epoch + (b + 1) / steps_per_epoch, **val}])
         tic = time.perf_counter()
-      if tc.checkpoint_every and step % tc.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+      if tc.checkpoint_every and step % tc.checkpoint_every == 0 and mid_epoch:
         flush(epoch)
         jax.block_until_ready(state)
         train_time += time.perf_counter() - tic
