@@ -46,7 +46,7 @@ def main(argv):
   config = cli.loaded(flags.FLAGS.config)
   text = cli.run_cleanly(lambda: continuation(config, _WORKDIR.value, _PROMPT.value,
                                               _MAX_NEW.value))
-  print(f'{_PROMPT.value}[{text}]')
+  print(f'{_PROMPT.value!r} -> {text!r}')
 
 
 if __name__ == '__main__':
