@@ -32,7 +32,9 @@ def _imports(folder: str) -> set[str]:
 def test_the_trainer_imports_no_data_set_and_tasks_no_trainer():
   assert not [n for n in _imports('peftjax/train') if n.startswith('peftjax.data')]
   assert not [n for n in _imports('peftjax/tasks') if n.startswith('peftjax.train')]
-  assert not [n for n in _imports('tests') if n.startswith('experiments')]
+  # Commands are run as commands; the benchmark's measuring code is tested in process.
+  assert not [n for n in _imports('tests') if n.startswith('experiments')
+              and not n.startswith(('experiments.bench', 'experiments.bench_torch'))]
 
 
 @pytest.fixture(scope='module')

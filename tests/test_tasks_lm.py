@@ -1,6 +1,8 @@
 """The language-modelling tasks: special ids, UL2 batches that reconstruct their chunks,
 rank classification, and end-to-end runs of the LM configs on tiny models."""
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -144,9 +146,10 @@ def test_ul2r_config_runs_on_a_tiny_llama_and_measures_the_start(tmp_path):
   assert val[0]['step'] == 0 and val[-1]['step'] == 3
   assert summary['task'] == 'ul2' and np.isfinite(summary['test_loss'])
   assert summary['val_loss'] == min(r['loss'] for r in val if r['step'] > 0)
-  from experiments.generate import continuation
-  text = continuation(ul2r_smollm2_lora.get_config('tiny'), tmp_path, 'It is a truth', 3)
-  assert isinstance(text, str) and text
+  out = subprocess.run([sys.executable, '-m', 'experiments.generate', f'--workdir={tmp_path}',
+                        '--prompt=It is a truth', '--max_new_tokens=3'],
+                       capture_output=True, text=True, check=True, timeout=600)
+  assert out.stdout.startswith("'It is a truth' -> '")
 
 
 @pytest.mark.long
