@@ -108,13 +108,9 @@ def load_adapter(directory, params, *, rng=None):
   except ValueError as e:  # e.g. a target pattern that matches nothing in these params
     raise AdapterFileError(f'adapter at {directory} does not fit these params: {e}') from None
   expected = P.flatten(template)
-  problems = [f'{k}: expected {tuple(v.shape)}, found '
-              f'{tuple(found[k].shape) if k in found else "nothing"}'
-              for k, v in expected.items() if k not in found or found[k].shape != v.shape]
-  problems += [f'{k}: unexpected in file' for k in found if k not in expected]
+  problems = mismatches(expected, found)
   if problems:
-    raise AdapterFileError(f'adapter at {directory} does not fit these params: '
-                           + '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else ''))
+    raise AdapterFileError(f'adapter at {directory} does not fit these params: {problems}')
   leaves, treedef = jax.tree.flatten(template)
   keys = list(expected)
   state = jax.tree.unflatten(treedef, [jnp.asarray(found[k], l.dtype)
@@ -122,6 +118,15 @@ def load_adapter(directory, params, *, rng=None):
   head = P.unflatten({k[len('head/'):]: jnp.asarray(v) for k, v in tensors.items()
                       if k.startswith('head/')})
   return adapter, frozen, state, head or None, meta
+
+
+def mismatches(expected: dict, found: dict) -> str:
+  """The first few differences in paths and shapes between two flat trees ('' if none)."""
+  problems = [f'{k}: expected {tuple(v.shape)}, found '
+              f'{tuple(found[k].shape) if k in found else "nothing"}'
+              for k, v in expected.items() if k not in found or found[k].shape != v.shape]
+  problems += [f'{k}: unexpected in file' for k in found if k not in expected]
+  return '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else '')
 
 
 def _jsonable(x):

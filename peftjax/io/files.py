@@ -32,20 +32,8 @@ def atomic_dir(target):
 
 
 def atomic_write_text(path, text: str):
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, _mode(0o666))
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
+  """`atomic_write_bytes` of `text` in UTF-8."""
+  atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_bytes(path, data: bytes):

@@ -10,6 +10,7 @@ import safetensors.numpy
 
 from peftjax.core import paths as P
 from peftjax.core.leaves import materialize
+from peftjax.io.adapter_file import mismatches
 from peftjax.io.files import atomic_write_bytes
 
 
@@ -34,11 +35,7 @@ def load_params(path, like):
   except Exception as e:  # safetensors raises several types for truncated/corrupt files
     raise ParamsFileError(f'cannot read params file {path}: {e}') from None
   expected = P.flatten(like)
-  problems = [f'{k}: expected {tuple(v.shape)}, found '
-              f'{tuple(found[k].shape) if k in found else "nothing"}'
-              for k, v in expected.items() if k not in found or found[k].shape != v.shape]
-  problems += [f'{k}: unexpected in file' for k in found if k not in expected]
+  problems = mismatches(expected, found)
   if problems:
-    raise ParamsFileError(f'params file {path} does not fit this model: '
-                          + '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else ''))
+    raise ParamsFileError(f'params file {path} does not fit this model: {problems}')
   return P.unflatten({k: found[k].astype(v.dtype) for k, v in expected.items()})
