@@ -41,6 +41,7 @@ def _bench(*args, timeout=120):
       cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.long
 def test_command_reports_every_method_with_positive_numbers(tmp_path):
   out = tmp_path / 'bench.json'
   proc = _bench('--no-torch', '--json', str(out))

@@ -53,6 +53,7 @@ def test_every_layout_gives_the_one_device_losses(reference, tmp_path, mesh):
                              val_records(reference[0])[0]['loss'], atol=TOL)
 
 
+@pytest.mark.long
 def test_remat_changes_nothing_but_memory(reference, tmp_path):
   config = tiny(mesh={'fsdp': 2, 'data': 4}, epochs=1)
   config.model.remat = True

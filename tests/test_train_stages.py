@@ -30,6 +30,7 @@ def uninterrupted(tmp_path_factory):
   return workdir, run_stages(chain(), workdir)
 
 
+@pytest.mark.long
 def test_each_stage_starts_from_the_previous_result(uninterrupted):
   workdir, results = uninterrupted
   assert list(results) == ['pre', 'fine', 'more']
