@@ -8,12 +8,13 @@ files; `dense` is the structured matmul for layers of your own.
 from peftjax.core.adapter import (Adapter, chain, combine, merge, num_params, partition,
                                   regularizer, summary, transform, unmerge)
 from peftjax.core.calib import Calibration
-from peftjax.core.leaves import LowRank, dense, materialize
+from peftjax.core.leaves import LowRank, SparseDelta, dense, materialize
 from peftjax.core.linen import apply, structured_layers
 from peftjax.core.paths import PatternError, flatten, select, unflatten
 from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head, save_adapter
 from peftjax.methods import (REGISTRY, corda, eva, from_config, full, loldu, lora, lora_ga,
-                             lora_pro, milora, pissa, probe, rslora, soka, soma, sorsa, svfit)
+                             lora_pro, milora, pissa, probe, rslora, soka, soma, sorsa,
+                             sparse_ft, svfit)
 
 __version__ = '0.1.0'
 
@@ -22,6 +23,6 @@ __all__ = [
     'apply', 'chain', 'combine', 'corda', 'dense', 'eva', 'flatten', 'from_config', 'full',
     'load_adapter', 'load_head', 'loldu', 'lora', 'lora_ga', 'lora_pro', 'materialize',
     'merge', 'milora', 'num_params', 'partition', 'pissa', 'probe', 'regularizer', 'rslora',
-    'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'structured_layers', 'summary',
-    'svfit', 'transform', 'unflatten', 'unmerge',
+    'SparseDelta', 'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'sparse_ft',
+    'structured_layers', 'summary', 'svfit', 'transform', 'unflatten', 'unmerge',
 ]

@@ -16,7 +16,7 @@ import pytest
 
 from peftjax.core import leaves
 from peftjax.core.dropout import dropout
-from peftjax.core.leaves import LowRank, dense, materialize
+from peftjax.core.leaves import LowRank, SparseDelta, dense, materialize
 
 D_IN, D_OUT = 7, 6
 
@@ -31,10 +31,26 @@ def low_rank(rng, rate, dtype, inner=None):
                  normal(rng, 3, D_OUT).astype(dtype), 1.7, rate)
 
 
+def sparse(rng, axis, k, dtype, inner=None):
+  """A `SparseDelta` over a random w selecting k random entries / rows / columns."""
+  w = normal(rng, D_IN, D_OUT).astype(dtype) if inner is None else inner
+  size = D_IN * D_OUT if axis is None else (D_IN, D_OUT)[axis]
+  index = jnp.asarray(np.sort(rng.choice(size, k, replace=False)), jnp.int32)
+  shape = {None: (k,), 0: (k, D_OUT), 1: (D_IN, k)}[axis]
+  return SparseDelta(w, index, normal(rng, *shape).astype(dtype), axis)
+
+
 # Every structured leaf type with a factory of a random instance: (numpy rng, dropout rate,
 # dtype) -> leaf. A new type in `leaves.STRUCTURED` must be added here (see the test below).
-FACTORIES = {LowRank: low_rank}
+FACTORIES = {LowRank: low_rank, SparseDelta: lambda rng, rate, dtype: sparse(rng, None, 2, dtype)}
 KINDS = {
+    # single entries: 2 of 42 take the gather-scatter path, 9 form D (GATHER_BELOW = 16)
+    'entries': lambda rng, rate, dtype: sparse(rng, None, 2, dtype),
+    'entries_dense': lambda rng, rate, dtype: sparse(rng, None, 9, dtype),
+    'rows': lambda rng, rate, dtype: sparse(rng, 0, 3, dtype),
+    'columns': lambda rng, rate, dtype: sparse(rng, 1, 2, dtype),
+    'sparse_over_lowrank': lambda rng, rate, dtype: sparse(rng, 0, 2, dtype,
+                                                          inner=low_rank(rng, rate, dtype)),
     'lowrank': lambda rng, rate, dtype: low_rank(rng, rate, dtype),
     # `_dense2d` recurses into a structured `w`: the inner adapter has its own scale and mask.
     'nested': lambda rng, rate, dtype: low_rank(rng, rate, dtype, inner=LowRank(
@@ -58,6 +74,8 @@ def reference(x, kernel, rng):
     y = reference(x, kernel.w, None if rng is None else jax.random.fold_in(rng, 0))
     h = dropout(None if rng is None else jax.random.fold_in(rng, 1), x, kernel.dropout)
     return y + h @ kernel.a.astype(x.dtype) @ kernel.b.astype(x.dtype) * kernel.scale
+  if isinstance(kernel, SparseDelta):
+    return reference(x, kernel.w, rng) + x @ kernel.delta().astype(x.dtype)
   assert not leaves.is_structured(kernel), f'no reference for {type(kernel).__name__}'
   return x @ kernel.astype(x.dtype)
 
@@ -74,12 +92,16 @@ def vjp_all(f, x, kernel, g):
   """The output and the cotangents of x and of every array in `kernel`."""
   y, pull = jax.vjp(f, x, kernel)
   dx, dk = pull(g.astype(y.dtype))
-  return y, dx, jax.tree_util.tree_leaves_with_path(dk)
+  return y, dx, [(p, d) for p, d in jax.tree_util.tree_leaves_with_path(dk)
+                 if d.dtype != jax.dtypes.float0]  # integer index arrays have no cotangent
+
+
+NO_DROPOUT = {'entries', 'entries_dense', 'rows', 'columns'}  # SparseDelta has none of its own
 
 
 @pytest.mark.parametrize('lead', [(), (2, 5)], ids=['1d', 'batched'])
-@pytest.mark.parametrize('rate', [0.0, 0.4])
-@pytest.mark.parametrize('kind', list(KINDS))
+@pytest.mark.parametrize('kind,rate', [(k, r) for k in KINDS for r in (0.0, 0.4)
+                                       if not (r and k in NO_DROPOUT)])
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)],
                          ids=['f32', 'bf16'])
 def test_dense_value_and_gradients_match_plain_autodiff(kind, rate, lead, dtype, tol):
@@ -98,7 +120,8 @@ def test_dense_value_and_gradients_match_plain_autodiff(kind, rate, lead, dtype,
     plain = lambda x, k: reference(x, k, key)
     assert float(jnp.abs(dense(x, kernel) - got[0]).max()) > 1e-2  # the masks are on
   # the reference in float32 (for bf16: on the same rounded values)
-  f32 = lambda t: jax.tree.map(lambda v: v.astype(jnp.float32), t)
+  f32 = lambda t: jax.tree.map(
+      lambda v: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v, t)
   want = vjp_all(plain, f32(x), f32(kernel), g)
   assert_close(got[0], want[0], tol, 'output')
   assert_close(got[1], want[1], tol, 'dx')
@@ -119,3 +142,21 @@ def test_dropout_masks_only_the_adapter_input():
   assert_close(dense(x, leaf, key), h @ leaf.a @ leaf.b * 2.5, 1e-5, 'adapter only')
   base = LowRank(normal(rng, D_IN, D_OUT), leaf.a, leaf.b, 2.5, 0.5)  # the base sees all of x
   assert_close(dense(x, base, key) - dense(x, leaf, key), x @ base.w, 1e-5, 'base path')
+
+
+@pytest.mark.parametrize('axis', [None, 0, 1])
+def test_sparse_delta_holds_its_values_at_the_selected_entries_only(axis):
+  rng = np.random.default_rng(7)
+  leaf = sparse(rng, axis, 3, jnp.float32)
+  want = np.zeros((D_IN, D_OUT), np.float32)
+  for j, i in enumerate(np.asarray(leaf.index)):
+    if axis is None:
+      want[i // D_OUT, i % D_OUT] = leaf.values[j]
+    elif axis == 0:
+      want[i] = leaf.values[j]
+    else:
+      want[:, i] = leaf.values[:, j]
+  np.testing.assert_array_equal(leaf.delta(), want)
+  np.testing.assert_array_equal(materialize(leaf), np.asarray(leaf.w) + want)
+  with pytest.raises(ValueError, match='axis must be None'):
+    SparseDelta(leaf.w, leaf.index, leaf.values, 2)

@@ -48,10 +48,11 @@ CASES = {
                           adjust_scaling_factors=True),
     'lora_ga': lambda: pj.lora_ga('kernel', rank=2, alpha=8.0, direction='A2rBr',
                                   stable_gamma=4.0, rslora=True, rank_pattern={'down': 3}),
+    'sparse_ft': lambda: pj.sparse_ft('kernel', density=0.2, select='magnitude', l1=0.1),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
-NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga'}
+NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft'}
 AXES = PS.axes_from_table([('up/kernel', ('embed', 'mlp')), ('up/bias', ('mlp',)),
                            ('down/kernel', ('mlp', 'embed')), ('down/bias', ('embed',))])
 
@@ -193,9 +194,18 @@ def test_unmerge_inverts_merge_where_offered(name):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), restored, frozen)
 
 
-def derived_spec(shape, spec, base_shape):
+def derived_spec(path, shape, spec, base_shape, mesh):
   """Each dimension of the weight's size there sharded like the weight's, any other (a rank)
-  not; leaves of another rank (singular values, scalars, Kronecker factors) replicated."""
+  not; a sparse selection's entries (1-D index / values) split over the weight's mesh axes
+  that divide their count; leaves of another rank (singular values, scalars, Kronecker
+  factors) replicated."""
+  if len(shape) == 1 and path.rsplit('/', 1)[-1] in ('index', 'values'):
+    axes, size = [], 1
+    for a in (a for part in spec if part for a in ((part,) if isinstance(part, str) else part)):
+      if shape[0] % (size * mesh.shape[a]) == 0:
+        axes.append(a)
+        size *= mesh.shape[a]
+    return Spec(tuple(axes) if len(axes) > 1 else axes[0] if axes else None)
   if len(shape) != len(base_shape):
     return Spec()
   return Spec(*(s if n == m else None for s, n, m in zip(spec, shape, base_shape)))
@@ -217,6 +227,6 @@ def test_every_state_and_frozen_leaf_shards_like_its_base_weight(name):
     path = P.path_str(key_path)
     owner = [p for p in base if f'/{p}/' in f'/{path}/']
     assert len(owner) == 1, path
-    want = NamedSharding(mesh, derived_spec(leaf.shape, *base[owner[0]]))
+    want = NamedSharding(mesh, derived_spec(path, leaf.shape, *base[owner[0]], mesh))
     assert sharding.is_equivalent_to(want, leaf.ndim), (path, leaf.shape, sharding.spec)
     jax.device_put(leaf, sharding)  # a valid placement

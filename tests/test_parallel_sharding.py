@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from peftjax import methods
 from peftjax.core import paths
 from peftjax.core.calib import CalibratedResidual
-from peftjax.core.leaves import LowRank
+from peftjax.core.leaves import LowRank, SparseDelta
 from peftjax.models import TINY_BERT, build
 from peftjax.parallel import sharding as PS
 from peftjax.parallel.mesh import make_mesh
@@ -119,6 +119,28 @@ def test_structured_leaves_and_vectors_inherit(mesh):
   assert specs[f'any_key/{Q}/right'] == P(None, 'tensor')
   assert specs[f'any_key/{Q}/moment'] == P('fsdp', 'tensor')
   assert specs[f'any_key/{Q}/kron'] == P()
+
+
+
+def test_sparse_entries_split_over_the_params_mesh_axes(mesh):
+  """A selection's 1-D index and values (frozen leaf, state, optimiser moments) spread over
+  the param's mesh axes that divide the count; row selections keep the rank rule."""
+  base = {Q: (P('fsdp', 'tensor'), (32, 48))}
+  idx = jnp.arange(8, dtype=jnp.int32)
+  tree = {'frozen': {Q: SparseDelta(jnp.zeros((32, 48)), idx, jnp.zeros(8))},
+          'state': {Q: {'values': jnp.zeros(8)}},
+          'odd': {Q: {'values': jnp.zeros(6)}},
+          'rows': {Q: SparseDelta(jnp.zeros((32, 48)), idx[:3], jnp.zeros((3, 48)), 0)},
+          'vector': {Q: jnp.zeros(48)}}
+  specs = {paths.path_str(path): s.spec for path, s in
+           jax.tree_util.tree_leaves_with_path(PS.shardings(tree, base, mesh))}
+  both = P(('fsdp', 'tensor'))
+  assert specs[f'frozen/{Q}/w'] == P('fsdp', 'tensor')
+  assert specs[f'frozen/{Q}/index'] == specs[f'frozen/{Q}/values'] == both
+  assert specs[f'state/{Q}/values'] == both
+  assert specs[f'odd/{Q}/values'] == P('fsdp')  # 6 entries: only the axis of size 2 divides
+  assert specs[f'rows/{Q}/values'] == P(None, 'tensor')
+  assert specs[f'vector/{Q}'] == P('tensor')  # a plain vector still follows the out axis
 
 
 def test_a_model_without_logical_axes_is_replicated_with_a_warning(model, mesh, caplog):

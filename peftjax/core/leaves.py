@@ -1,9 +1,10 @@
 """Structured leaves: small pytrees that stand in for a weight inside a param tree.
 
-`apply` may return a tree whose kernels are `LowRank` leaves instead of dense arrays. The
-bundled models' dense ops call `dense`, which computes `x @ w + dropout(x) @ a @ b * scale`
-without forming `w + a @ b * scale`, so the backward pass never builds a full-size weight
-gradient. `materialize` turns any tree back into plain arrays for third-party models.
+`apply` may return a tree whose kernels are structured leaves instead of dense arrays:
+`LowRank` (w + a @ b * scale) or `SparseDelta` (w plus values at selected entries, rows or
+columns). `dense` computes `x @ leaf` from the parts, without forming the full weight, so the
+backward pass never builds a full-size weight gradient (`peftjax.core.linen` runs it inside
+any model's `flax.linen` layers). `materialize` turns any tree back into plain arrays.
 """
 from __future__ import annotations
 
@@ -58,7 +59,67 @@ class LowRank:
             f'dropout={self.dropout:g})')
 
 
-STRUCTURED = (LowRank,)
+@jax.tree_util.register_pytree_with_keys_class
+class SparseDelta:
+  """The weight `w + D`, where D is zero except at the entries `index` selects, which hold
+  `values`. `axis` says what the sorted, unique `index` selects in the (in, out) weight:
+
+  - None: single entries by flat index `row * out + col`; `values` is (k,);
+  - 0: whole rows (input features); `values` is (k, out);
+  - 1: whole columns (output features); `values` is (in, k).
+
+  `dense` computes `x @ w` plus the selected part only, so the gradient of `values` is all
+  the weight gradient there is: (k, out) / (in, k) products for rows and columns; for single
+  entries a gather-scatter of O(tokens * k) while k < in * out / `GATHER_BELOW`, else the
+  delta is formed densely (one full-size weight and its gradient, as in full fine-tuning).
+  """
+
+  def __init__(self, w, index, values, axis: int | None = None):
+    if axis not in (None, 0, 1):
+      raise ValueError(f'SparseDelta axis must be None (entries), 0 (rows) or 1 (columns), '
+                       f'got {axis!r}')
+    self.w, self.index, self.values, self.axis = w, index, values, axis
+
+  def tree_flatten(self):
+    return (self.w, self.index, self.values), (self.axis,)
+
+  def tree_flatten_with_keys(self):  # key paths end in w / index / values (sharding rules)
+    keys = map(jax.tree_util.GetAttrKey, ('w', 'index', 'values'))
+    return tuple(zip(keys, (self.w, self.index, self.values))), (self.axis,)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def shape(self):
+    return self.w.shape
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  @property
+  def ndim(self):
+    return len(self.w.shape)
+
+  def delta(self):
+    """D as a dense array of `w`'s shape."""
+    zeros = jnp.zeros(self.shape, self.values.dtype)
+    if self.axis is None:
+      return zeros.reshape(-1).at[self.index].set(self.values).reshape(self.shape)
+    if self.axis == 0:
+      return zeros.at[self.index].set(self.values)
+    return zeros.at[:, self.index].set(self.values)
+
+  def __repr__(self):
+    what = {None: 'entries', 0: 'rows', 1: 'columns'}[self.axis]
+    return f'SparseDelta(w={_describe(self.w)}, {self.index.shape[0]} {what})'
+
+
+GATHER_BELOW = 16  # single entries: gather-scatter while k < in * out / GATHER_BELOW
+
+STRUCTURED = (LowRank, SparseDelta)
 
 
 def is_structured(x: Any) -> bool:
@@ -71,7 +132,7 @@ def materialize(tree):
 
 
 def _to_array(x):
-  if isinstance(x, LowRank):
+  if isinstance(x, (LowRank, SparseDelta)):
     return _to_array(x.w) + x.delta().astype(x.dtype)
   return x
 
@@ -93,7 +154,23 @@ def _dense2d(x, kernel, rng):
     h = dropout(None if rng is None else jax.random.fold_in(rng, 1), x, kernel.dropout)
     return y + _low_rank_path(h, kernel.a.astype(h.dtype), kernel.b.astype(h.dtype),
                               kernel.scale)
+  if isinstance(kernel, SparseDelta):
+    return _dense2d(x, kernel.w, rng) + _sparse_path(x, kernel)
   return x @ kernel.astype(x.dtype)
+
+
+def _sparse_path(x, kernel: SparseDelta):
+  """`x @ D` for 2-D `x` from the selected entries of D alone."""
+  values, index = kernel.values.astype(x.dtype), kernel.index
+  n, (d_in, d_out) = x.shape[0], kernel.shape
+  if kernel.axis == 0:
+    return jnp.take(x, index, axis=1) @ values
+  if kernel.axis == 1:
+    return jnp.zeros((n, d_out), x.dtype).at[:, index].set(x @ values)
+  if index.shape[0] * GATHER_BELOW >= d_in * d_out:
+    return x @ kernel.delta().astype(x.dtype)
+  rows, cols = index // d_out, index % d_out
+  return jnp.zeros((n, d_out), x.dtype).at[:, cols].add(jnp.take(x, rows, axis=1) * values)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -2,8 +2,8 @@
 
 Within `structured_layers()`, a `nn.Dense`, `nn.DenseGeneral` (one contracted axis, one
 feature axis), `nn.Einsum` (a 2-D kernel with one contracted axis) or `nn.Embed` whose kernel
-(embedding) is a structured leaf (e.g. `LowRank`) computes with `leaves.dense` (or a row
-gather), so a model written without peftjax runs an adapter's `apply` tree unchanged and never
+(embedding) is a structured leaf (`LowRank`, `SparseDelta`) computes with `leaves.dense` (or
+a row gather), so a model written without peftjax runs an adapter's `apply` tree unchanged and never
 forms a full-size weight or weight gradient. The layer's `dtype` promotion and bias are kept;
 `precision` and custom `dot_general` settings do not apply to structured kernels. Adapter
 dropout is active when the call has a 'dropout' rng (i.e. training).
@@ -143,6 +143,14 @@ def _transposed(kernel):
   if isinstance(kernel, leaves.LowRank):
     return leaves.LowRank(_transposed(kernel.w), kernel.b.T, kernel.a.T, kernel.scale,
                           kernel.dropout)
+  if isinstance(kernel, leaves.SparseDelta):
+    if kernel.axis is not None:
+      return leaves.SparseDelta(_transposed(kernel.w), kernel.index, kernel.values.T,
+                                1 - kernel.axis)
+    d_in, d_out = kernel.shape
+    flipped = (kernel.index % d_out) * d_in + kernel.index // d_out
+    order = jnp.argsort(flipped)
+    return leaves.SparseDelta(_transposed(kernel.w), flipped[order], kernel.values[order])
   return kernel.T
 
 
@@ -155,7 +163,22 @@ def _rows(table, ids):
   """Rows `ids` of a (structured) embedding table, without forming the table."""
   if isinstance(table, leaves.LowRank):
     return _rows(table.w, ids) + (_rows(table.a, ids) @ table.b) * table.scale
+  if isinstance(table, leaves.SparseDelta):
+    return _rows(table.w, ids) + _sparse_rows(table, ids).astype(table.dtype)
   return jnp.take(table, ids, axis=0)
+
+
+def _sparse_rows(table: leaves.SparseDelta, ids):
+  """Rows `ids` of a `SparseDelta`'s D: a lookup for row and column selections; single
+  entries form D (a full-size table)."""
+  if table.axis == 0:
+    pos = jnp.clip(jnp.searchsorted(table.index, ids), 0, table.index.shape[0] - 1)
+    hit = (table.index[pos] == ids)[..., None]
+    return jnp.where(hit, table.values[pos], 0)
+  if table.axis == 1:
+    rows = jnp.take(table.values, ids, axis=0)
+    return jnp.zeros((*ids.shape, table.shape[1]), rows.dtype).at[..., table.index].set(rows)
+  return jnp.take(table.delta(), ids, axis=0)
 
 
 _LAYERS = ((nn.Dense, _dense), (nn.DenseGeneral, _dense_general), (nn.Einsum, _einsum),

@@ -4,7 +4,10 @@ model id). Loading checks the file against the param tree it is loaded into.
 
 Data-initialised methods (CorDA, LoRA-GA) re-base the frozen tree on factors computed from
 calibration data; their `calib.CalibratedResidual` leaves' initial factors are saved under
-`frozen/` and handed back to `init` as `calib.Restored`, so loading needs no data.
+`frozen/` and handed back to `init` as `calib.Restored`, so loading needs no data. Sparse
+methods' selected indices (`leaves.SparseDelta`) are saved there too, as `frozen/PATH/index`:
+the first index and then the gaps between the sorted indices, in the smallest unsigned
+integer type that holds them; `calib.Restored` receives them decoded.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from peftjax import methods
 from peftjax.core import calib
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter, describe_targets
+from peftjax.core.leaves import SparseDelta
 from peftjax.io.files import atomic_dir
+from peftjax.methods.sparse import index_dtype
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter.safetensors'
@@ -37,6 +42,7 @@ def save_adapter(directory, adapter: Adapter, frozen, state, *, head=None,
   tensors = {f'state/{k}': np.asarray(v) for k, v in P.flatten(state).items()}
   tensors |= {f'head/{k}': np.asarray(v) for k, v in P.flatten(head or {}).items()}
   tensors |= {f'frozen/{k}': v for k, v in calib.calibrated_tensors(frozen).items()}
+  tensors |= {f'frozen/{k}': v for k, v in _sparse_indices(frozen).items()}
   meta = {
       'format': FORMAT, 'version': 1, 'method': adapter.config, 'base_model': base_model,
       'targets': describe_targets(adapter, frozen, state),
@@ -101,7 +107,7 @@ def load_adapter(directory, params, *, rng=None):
     raise AdapterFileError(f'{directory / CONFIG_FILE}: cannot rebuild the method: {e}') from None
   rng = jax.random.key(0) if rng is None else rng
   found = {k[len('state/'):]: v for k, v in tensors.items() if k.startswith('state/')}
-  saved = calib.Restored(found, {k[len('frozen/'):]: v for k, v in tensors.items()
+  saved = calib.Restored(found, {k[len('frozen/'):]: _decoded(k, v) for k, v in tensors.items()
                                  if k.startswith('frozen/')})
   try:
     frozen, template = adapter.init(rng, params, calib=saved)
@@ -118,6 +124,23 @@ def load_adapter(directory, params, *, rng=None):
   head = P.unflatten({k[len('head/'):]: jnp.asarray(v) for k, v in tensors.items()
                       if k.startswith('head/')})
   return adapter, frozen, state, head or None, meta
+
+
+def _sparse_indices(frozen) -> dict[str, np.ndarray]:
+  """`{'path/index': gaps}` of every `SparseDelta` in `frozen` (module docstring)."""
+  out = {}
+  for path, leaf in P.flatten(frozen).items():
+    if isinstance(leaf, SparseDelta):
+      gaps = np.diff(np.asarray(leaf.index, np.int64), prepend=0)
+      if gaps.size and (gaps.min() < 0 or (gaps[1:] == 0).any()):
+        raise ValueError(f'the selected indices of {path} are not sorted and unique')
+      out[f'{path}{P.SEP}index'] = gaps.astype(index_dtype(int(gaps.max(initial=0))))
+  return out
+
+
+def _decoded(key: str, tensor: np.ndarray) -> np.ndarray:
+  """A saved frozen tensor as `init` takes it: sparse indices summed back from their gaps."""
+  return np.cumsum(tensor, dtype=np.int64) if key.endswith(f'{P.SEP}index') else tensor
 
 
 def mismatches(expected: dict, found: dict) -> str:

@@ -11,6 +11,10 @@ leaf, the optimiser's moments of either) takes that param's sharding:
   dimension of the param's size there is sharded like the param's, the others (the rank)
   not (as qwix and MaxText shard LoRA);
 - a vector over the param's out (or in) axis, e.g. SSF scales: that axis's spec;
+- a sparse selection's entries (a 1-D `index` or `values` of a `SparseDelta` or of a sparse
+  state, one element per selected entry): split over all the mesh axes that shard the param,
+  where they divide the count, so each device holds a share of the entries and of their
+  optimiser moments (row and column selections follow the rank rule above);
 - anything else (ranks' singular values, scalars, the head, step counters): replicated.
 
 A mesh axis is dropped from a spec where it does not divide the dimension, so any mesh
@@ -107,18 +111,31 @@ def shardings(tree, base: dict[str, tuple[PartitionSpec, tuple]], mesh: Mesh):
   the base params `base` (from `param_specs`) as the module docstring says."""
 
   def one(key_path, x):
-    return NamedSharding(mesh, _inherit(P.path_str(key_path).split(P.SEP), tuple(x.shape), base))
+    return NamedSharding(mesh, _inherit(P.path_str(key_path).split(P.SEP), tuple(x.shape), base,
+                                        mesh))
 
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def _inherit(segments: list[str], shape: tuple, base) -> PartitionSpec:
+def _inherit(segments: list[str], shape: tuple, base, mesh: Mesh) -> PartitionSpec:
   for i in range(len(segments)):
     for j in range(len(segments), i, -1):
       hit = base.get(P.SEP.join(segments[i:j]))
       if hit is not None:
+        if len(shape) == 1 and segments[-1] in SPARSE_KEYS and j < len(segments):
+          return _entries(shape[0], hit[0], mesh)
         return _derived(shape, *hit)
   return PartitionSpec()
+
+
+SPARSE_KEYS = ('index', 'values')
+
+
+def _entries(count: int, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  """Selected entries split over the mesh axes of the param's `spec` that divide `count`."""
+  axes = [a for part in spec if part is not None
+          for a in ((part,) if isinstance(part, str) else part)]
+  return PartitionSpec(_fit(tuple(axes), count, mesh, set()) if axes else None)
 
 
 def _derived(shape: tuple, spec: PartitionSpec, base_shape: tuple):

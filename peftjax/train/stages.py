@@ -9,6 +9,9 @@ A later stage's `start` says what it starts from:
   with any method, then fine-tuning with another);
 - `'adapter'`: the previous stage's base (its `model.init`) and its best adapter as
   `method.init`, so the same method trains on (e.g. a UL2R LoRA stage, then a task's LoRA).
+- `'reference'`: the previous stage's base again, with the previous stage's merged result as
+  `method.reference` (LT-SFT: fine-tune fully, then select the entries that changed most
+  and train only those from the base, `peftjax.methods.sparse`).
 
 Every stage resumes on its own after a kill, and a finished stage (one with its
 `summary.json`) is skipped, so rerunning the command continues the chain. The chain's
@@ -29,7 +32,7 @@ from peftjax.io.adapter_file import load_adapter
 from peftjax.io.files import atomic_write_text
 from peftjax.io.params_file import save_params
 
-STARTS = ('merged', 'adapter')
+STARTS = ('merged', 'adapter', 'reference')
 MERGED_FILE = 'model.safetensors'
 
 
@@ -65,6 +68,9 @@ def run_stages(config, workdir, *, halt_at: tuple[str, int] | None = None) -> di
       prev_dir = workdir / prev_name
       if stage.start == 'merged':
         stage.model.init = str(_merged(prev, prev_dir))
+      elif stage.start == 'reference':
+        stage.model.init = prev.model.get('init', '')
+        stage.method.reference = str(_merged(prev, prev_dir))
       else:
         stage.model.init = prev.model.get('init', '')
         stage.method.init = str(prev_dir / 'adapter')
