@@ -212,6 +212,7 @@ def test_stock_layers_run_the_sparse_leaves_as_the_merged_model(structure, densi
   assert np.abs(merged - task.logits(task.model.params, batch)).max() > 1e-2
 
 
+@pytest.mark.long
 def test_lt_sft_config_selects_what_phase_one_changed_most(tmp_path):
   """The two-stage config: phase 2 starts from the base and trains exactly the top entries
   of |phase 1 - base|; everything else stays the base's."""
