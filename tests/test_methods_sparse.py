@@ -192,7 +192,7 @@ def test_bad_arguments_are_clear_errors():
   with pytest.raises(pj.PatternError):
     pj.sparse_ft('nothing_matches').init(jax.random.key(0), Majority().model.params)
   leaf = SparseDelta(jnp.zeros((3, 4)), jnp.arange(2), jnp.zeros(2))
-  assert 'SparseDelta(w=ArrayImpl(3, 4), 2 entries)' in repr(leaf) or '2 entries' in repr(leaf)
+  assert repr(leaf).startswith('SparseDelta(w=') and repr(leaf).endswith('(3, 4), 2 entries)')
 
 
 @pytest.mark.parametrize('structure,density', [('entries', 0.02), ('entries', 0.5),
