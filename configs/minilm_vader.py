@@ -4,8 +4,9 @@ COMMAND: python -m experiments.run --config=configs/minilm_vader.py:METHOD --wor
 
 METHOD is any name of `peftjax.methods.REGISTRY` (default `lora`): LoRA at rank 8, alpha 16,
 dropout 0.1 on every encoder kernel; the other low-rank methods on the same kernels with
-their own (paper) defaults; `full` (lr 5e-5) and `probe` (the head alone). Every key the
-trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
+their own (paper) defaults; `s2ft` with its defaults on MiniLM's 12 heads; `full` (lr 5e-5)
+and `probe` (the head alone). Every key the trainer reads is here, with its default;
+`--config.KEY=VALUE` changes one.
 """
 import inspect
 
@@ -15,6 +16,7 @@ from peftjax import methods
 
 TARGETS = ('encoder/.*/kernel',)
 LEARNING_RATES = {'full': 5e-5}
+MINILM_HEADS = 12
 
 
 def method_config(name: str) -> dict:
@@ -25,6 +27,8 @@ def method_config(name: str) -> dict:
                      f'{sorted(methods.REGISTRY)}')
   if name == 'lora':
     return {'name': name, 'targets': TARGETS, 'rank': 8, 'alpha': 16.0, 'dropout': 0.1}
+  if name == 's2ft':  # its selection of attention heads needs MiniLM-L6's head count
+    return {'name': name, 'num_heads': MINILM_HEADS}
   targets = inspect.signature(methods.REGISTRY[name]).parameters.get('targets')
   needs_targets = targets is not None and targets.default is inspect.Parameter.empty
   return {'name': name, **({'targets': TARGETS} if needs_targets else {})}

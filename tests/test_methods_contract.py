@@ -21,6 +21,7 @@ from peftjax.core.adapter import describe_targets
 from peftjax.core.leaves import LowRank, is_structured
 from peftjax.io.adapter_file import load_adapter, save_adapter
 from peftjax.methods import REGISTRY
+from peftjax.methods.s2ft import unpermute
 from peftjax.models.bert import Dense
 from peftjax.parallel import sharding as PS
 from peftjax.parallel.mesh import make_mesh
@@ -49,10 +50,15 @@ CASES = {
     'lora_ga': lambda: pj.lora_ga('kernel', rank=2, alpha=8.0, direction='A2rBr',
                                   stable_gamma=4.0, rslora=True, rank_pattern={'down': 3}),
     'sparse_ft': lambda: pj.sparse_ft('kernel', density=0.2, select='magnitude', l1=0.1),
+    's2ft': lambda: pj.s2ft(layout={'up': 'up', 'down': 'down'}, o_ratio=0.0, u_ratio=0.34,
+                            d_ratio=0.25, seed=3),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
 NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft'}
+# Methods that re-base the frozen tree on a co-permutation of the weights (the same function):
+# this brings their merged tree back to the base's order.
+PERMUTING = {'s2ft': unpermute}
 AXES = PS.axes_from_table([('up/kernel', ('embed', 'mlp')), ('up/bias', ('mlp',)),
                            ('down/kernel', ('mlp', 'embed')), ('down/bias', ('embed',))])
 
@@ -123,7 +129,9 @@ def test_outputs_are_unchanged_at_init(name):
   if all(flat_f.get(p) is leaf for p, leaf in flat_p.items() if p in flat_f):  # not re-based
     np.testing.assert_array_equal(out, base)
     jax.tree.map(np.testing.assert_array_equal, merged, params)
-  else:  # re-based on a residual: the merged weights are the original ones
+  else:  # re-based on a residual or a permutation: the merged weights are the original ones
+    if name in PERMUTING:
+      merged = PERMUTING[name](adapter, merged)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), merged, params)
     np.testing.assert_allclose(out, base, atol=1e-5)
 

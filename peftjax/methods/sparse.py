@@ -144,14 +144,7 @@ def sparse_ft(targets, density: float = 0.005, select: str = 'magnitude', *,
     return top_entries(scored, max(1, round(density * sum(s.size for s in scored.values()))))
 
   def apply(frozen, state):
-    flat = P.flatten(frozen)
-    for path, st in state.items():
-      leaf = flat[path]
-      if not isinstance(leaf, SparseDelta) or leaf.values.shape != st['values'].shape:
-        raise ValueError(f'sparse_ft: {path} holds {leaf!r} in the frozen tree, but the state '
-                         f'has values of shape {tuple(st["values"].shape)}')
-      flat[path] = SparseDelta(leaf.w, leaf.index, st['values'], leaf.axis)
-    return P.unflatten(flat)
+    return with_values(frozen, state, 'sparse_ft')
 
   def loss(state):
     if 'entries' not in counted:
@@ -167,6 +160,19 @@ def sparse_ft(targets, density: float = 0.005, select: str = 'magnitude', *,
 
   return Adapter(init=init, apply=apply, config=config, loss=loss if l1 else None,
                  describe=describe)
+
+
+def with_values(frozen, state, method: str):
+  """`frozen` with the state's `values` in its `SparseDelta` leaves (the `apply` of the
+  sparse methods; `method` names the caller in errors)."""
+  flat = P.flatten(frozen)
+  for path, st in state.items():
+    leaf = flat.get(path)
+    if not isinstance(leaf, SparseDelta) or leaf.values.shape != st['values'].shape:
+      raise ValueError(f'{method}: {path} holds {leaf!r} in the frozen tree, but the state '
+                       f'has values of shape {tuple(st["values"].shape)}')
+    flat[path] = SparseDelta(leaf.w, leaf.index, st['values'], leaf.axis)
+  return P.unflatten(flat)
 
 
 def _restored_index(calib: Restored, path: str) -> np.ndarray:
@@ -197,3 +203,9 @@ def compose(params, *differences: dict[str, SparseDelta]):
       flat[path] = w + SparseDelta(jnp.zeros(w.shape, w.dtype), d.index, d.values,
                                    d.axis).delta().astype(w.dtype)
   return P.unflatten(flat)
+
+
+def negate(difference: dict[str, SparseDelta]) -> dict[str, SparseDelta]:
+  """The difference with its values negated: `compose(fused, negate(d))` takes a fused `d`
+  off again (equal to the tree before up to rounding: `(w + v) - v` need not be `w`)."""
+  return {path: SparseDelta(d.w, d.index, -d.values, d.axis) for path, d in difference.items()}
