@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from peftjax.core import paths as P
-from peftjax.core.leaves import materialize
+from peftjax.core.leaves import SparseDelta, is_structured, materialize
 
 
 class Adapter(NamedTuple):
@@ -75,6 +75,13 @@ def combine(selected: dict[str, Any], rest) -> dict:
 
 def num_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def frozen_params(frozen) -> int:
+  """The parameters of a frozen tree: a `SparseDelta` counts its base weight (its indices
+  and placeholder values are the selection, whose values the state holds)."""
+  return num_params(jax.tree.map(lambda x: x.w if isinstance(x, SparseDelta) else x, frozen,
+                                 is_leaf=is_structured))
 
 
 def chain(*adapters: Adapter) -> Adapter:
@@ -167,7 +174,7 @@ def summary(adapter: Adapter, frozen, state, head=None, max_rows: int = 48) -> s
   if len(rows) > max_rows:
     lines.append(f'... and {len(rows) - max_rows} more')
   trainable = num_params(state) + num_params(head or {})
-  total = num_params(frozen) + trainable
+  total = frozen_params(frozen) + trainable
   lines.append(f'trainable params: {trainable:,} || all params: {total:,} || '
                f'trainable%: {100 * trainable / max(total, 1):.4f}')
   return '\n'.join(lines)

@@ -44,7 +44,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding
 
 from peftjax import methods, tasks
-from peftjax.core.adapter import num_params, summary
+from peftjax.core.adapter import frozen_params, num_params, summary
 from peftjax.io.adapter_file import load_adapter, load_head, save_adapter
 from peftjax.io.files import atomic_write_text
 from peftjax.models import Model
@@ -329,7 +329,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
       f'val_{selection}': sign * pos['best_metric'], 'best_epoch': pos['best_epoch'],
       'epochs': tc.epochs, 'steps': step,
       'trainable_params': num_params(state.trainable),
-      'total_params': num_params(frozen) + num_params(state.trainable),
+      'total_params': frozen_params(frozen) + num_params(state.trainable),
       'train_steps_per_sec': trained / train_time if train_time else None,
       'adapter_path': str(adapter_file.absolute()),
       'adapter_bytes': adapter_file.stat().st_size if adapter_file.exists() else None,
