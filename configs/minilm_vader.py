@@ -14,7 +14,7 @@ import ml_collections
 from peftjax import methods
 
 TARGETS = ('encoder/.*/kernel',)
-LEARNING_RATES = {'full': 5e-5}
+LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5}  # HFT takes full fine-tuning's settings
 
 
 def method_config(name: str) -> dict:

@@ -12,7 +12,7 @@ from peftjax.core.leaves import LowRank, SparseDelta, dense, materialize
 from peftjax.core.linen import apply, structured_layers
 from peftjax.core.paths import PatternError, flatten, select, unflatten
 from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head, save_adapter
-from peftjax.methods import (REGISTRY, corda, eva, from_config, full, loldu, lora, lora_ga,
+from peftjax.methods import (REGISTRY, corda, eva, from_config, full, hft, loldu, lora, lora_ga,
                              lora_pro, milora, pissa, probe, rslora, soka, soma, sorsa,
                              sparse_ft, svfit)
 
@@ -21,7 +21,7 @@ __version__ = '0.1.0'
 __all__ = [
     'Adapter', 'AdapterFileError', 'Calibration', 'LowRank', 'PatternError', 'REGISTRY',
     'apply', 'chain', 'combine', 'corda', 'dense', 'eva', 'flatten', 'from_config', 'full',
-    'load_adapter', 'load_head', 'loldu', 'lora', 'lora_ga', 'lora_pro', 'materialize',
+    'hft', 'load_adapter', 'load_head', 'loldu', 'lora', 'lora_ga', 'lora_pro', 'materialize',
     'merge', 'milora', 'num_params', 'partition', 'pissa', 'probe', 'regularizer', 'rslora',
     'SparseDelta', 'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'sparse_ft',
     'structured_layers', 'summary', 'svfit', 'transform', 'unflatten', 'unmerge',

@@ -49,6 +49,8 @@ CASES = {
     'lora_ga': lambda: pj.lora_ga('kernel', rank=2, alpha=8.0, direction='A2rBr',
                                   stable_gamma=4.0, rslora=True, rank_pattern={'down': 3}),
     'sparse_ft': lambda: pj.sparse_ft('kernel', density=0.2, select='magnitude', l1=0.1),
+    # The MLP as one block (the empty prefix) whose category holds both layers: one trains.
+    'hft': lambda: pj.hft(blocks='^', categories={'mlp': '^(?:up|down)/'}, seed=3),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }

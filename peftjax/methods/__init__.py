@@ -4,6 +4,7 @@ from __future__ import annotations
 from peftjax.core.adapter import Adapter, chain
 from peftjax.methods.data_init import corda, eva, lora_ga
 from peftjax.methods.full import full, probe
+from peftjax.methods.hft import hft
 from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
 from peftjax.methods.sparse import sparse_ft
@@ -15,6 +16,7 @@ REGISTRY |= {'pissa': pissa, 'milora': milora, 'soma': soma, 'sorsa': sorsa, 'sv
 REGISTRY |= {'lora_pro': lora_pro}
 REGISTRY |= {'corda': corda, 'eva': eva, 'lora_ga': lora_ga}
 REGISTRY |= {'sparse_ft': sparse_ft}
+REGISTRY |= {'hft': hft}
 
 
 def from_config(config: dict) -> Adapter:
