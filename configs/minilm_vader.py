@@ -41,7 +41,7 @@ def get_config(method: str = 'lora'):
   c.method = ml_collections.ConfigDict(method_config(method))
   # head.init: an adapter directory whose saved head starts training ('' = random init).
   c.head = ml_collections.ConfigDict({'init': ''})
-  # Training batches that data-initialised methods (CorDA, EVA, LoRA-GA) calibrate on.
+  # Training batches that data-initialised methods (CorDA, EVA, LoRA-GA, SPT) calibrate on.
   c.calibration = ml_collections.ConfigDict({'batches': 8})
   c.optimizer = ml_collections.ConfigDict({
       'lr': LEARNING_RATES.get(method, 1e-3), 'weight_decay': 0.01, 'b1': 0.9, 'b2': 0.999,

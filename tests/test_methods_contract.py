@@ -51,10 +51,12 @@ CASES = {
     'sparse_ft': lambda: pj.sparse_ft('kernel', density=0.2, select='magnitude', l1=0.1),
     # The MLP as one block (the empty prefix) whose category holds both layers: one trains.
     'hft': lambda: pj.hft(blocks='^', categories={'mlp': '^(?:up|down)/'}, seed=3),
+    # down/kernel switches to LoRA (36 entries), up/kernel keeps 4 sensitive entries.
+    'spt': lambda: pj.spt('kernel', budget=40, threshold=0.5, rank=2, dropout=0.1),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
-NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft'}
+NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft', 'spt'}
 AXES = PS.axes_from_table([('up/kernel', ('embed', 'mlp')), ('up/bias', ('mlp',)),
                            ('down/kernel', ('mlp', 'embed')), ('down/bias', ('embed',))])
 

@@ -8,6 +8,7 @@ from peftjax.methods.hft import hft
 from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
 from peftjax.methods.sparse import sparse_ft
+from peftjax.methods.sensitivity import spt
 from peftjax.methods.svd_init import loldu, milora, pissa, soka, soma, sorsa, svfit
 
 REGISTRY = {'lora': lora, 'rslora': rslora, 'full': full, 'probe': probe}
@@ -15,8 +16,7 @@ REGISTRY |= {'pissa': pissa, 'milora': milora, 'soma': soma, 'sorsa': sorsa, 'sv
              'loldu': loldu, 'soka': soka}
 REGISTRY |= {'lora_pro': lora_pro}
 REGISTRY |= {'corda': corda, 'eva': eva, 'lora_ga': lora_ga}
-REGISTRY |= {'sparse_ft': sparse_ft}
-REGISTRY |= {'hft': hft}
+REGISTRY |= {'sparse_ft': sparse_ft, 'spt': spt, 'hft': hft}
 
 
 def from_config(config: dict) -> Adapter:

@@ -10,7 +10,7 @@ steps (logged, not used for selection), `train.eval_at_start` one before the fir
 `WORKDIR/adapter`) instead of at random. At the end: the
 test metrics of the best adapter, `summary.json`, `metrics.jsonl` and `curves.png`.
 `resume=True` continues from the newest checkpoint with exactly the batches, dropout keys and
-optimiser state it would have had. Data-initialised methods (CorDA, EVA, LoRA-GA) get a lazy
+optimiser state it would have had. Data-initialised methods (CorDA, EVA, LoRA-GA, SPT) get a lazy
 `Calibration` on the first `config.calibration.batches` training batches (deterministic, so
 a resume rebuilds it). `evaluate_adapter` measures a saved adapter on any split.
 
