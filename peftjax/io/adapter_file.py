@@ -5,6 +5,10 @@ model id). Loading checks the file against the param tree it is loaded into.
 Data-initialised methods (CorDA, LoRA-GA) re-base the frozen tree on factors computed from
 calibration data; their `calib.CalibratedResidual` leaves' initial factors are saved under
 `frozen/` and handed back to `init` as `calib.Restored`, so loading needs no data.
+
+A method with a `codec` (`Adapter.codec`, e.g. mask tuning's bit-packed masks) has its state
+saved as `codec.encode(state)`; loading checks the file against the encoding of the state
+`init` returns and decodes it.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ class AdapterFileError(ValueError):
 def save_adapter(directory, adapter: Adapter, frozen, state, *, head=None,
                  base_model: str | None = None) -> pathlib.Path:
   """Writes the adapter (atomically) and returns the weights file's path."""
-  tensors = {f'state/{k}': np.asarray(v) for k, v in P.flatten(state).items()}
+  stored = adapter.codec.encode(state) if adapter.codec is not None else state
+  tensors = {f'state/{k}': np.asarray(v) for k, v in P.flatten(stored).items()}
   tensors |= {f'head/{k}': np.asarray(v) for k, v in P.flatten(head or {}).items()}
   tensors |= {f'frozen/{k}': v for k, v in calib.calibrated_tensors(frozen).items()}
   meta = {
@@ -107,14 +112,18 @@ def load_adapter(directory, params, *, rng=None):
     frozen, template = adapter.init(rng, params, calib=saved)
   except ValueError as e:  # e.g. a target pattern that matches nothing in these params
     raise AdapterFileError(f'adapter at {directory} does not fit these params: {e}') from None
-  expected = P.flatten(template)
+  codec = adapter.codec
+  encoded = codec.encode(template) if codec is not None else template
+  expected = P.flatten(encoded)
   problems = mismatches(expected, found)
   if problems:
     raise AdapterFileError(f'adapter at {directory} does not fit these params: {problems}')
-  leaves, treedef = jax.tree.flatten(template)
+  leaves, treedef = jax.tree.flatten(encoded)
   keys = list(expected)
   state = jax.tree.unflatten(treedef, [jnp.asarray(found[k], l.dtype)
                                       for k, l in zip(keys, leaves)])
+  if codec is not None:
+    state = codec.decode(state, template)
   head = P.unflatten({k[len('head/'):]: jnp.asarray(v) for k, v in tensors.items()
                       if k.startswith('head/')})
   return adapter, frozen, state, head or None, meta

@@ -4,8 +4,10 @@ from __future__ import annotations
 from peftjax.core.adapter import Adapter, chain
 from peftjax.methods.data_init import corda, eva, lora_ga
 from peftjax.methods.full import full, probe
+from peftjax.methods.grafting import binarized_graft, graft
 from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
+from peftjax.methods.mask_tuning import mask_tuning
 from peftjax.methods.svd_init import loldu, milora, pissa, soka, soma, sorsa, svfit
 
 REGISTRY = {'lora': lora, 'rslora': rslora, 'full': full, 'probe': probe}
@@ -13,6 +15,7 @@ REGISTRY |= {'pissa': pissa, 'milora': milora, 'soma': soma, 'sorsa': sorsa, 'sv
              'loldu': loldu, 'soka': soka}
 REGISTRY |= {'lora_pro': lora_pro}
 REGISTRY |= {'corda': corda, 'eva': eva, 'lora_ga': lora_ga}
+REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 
 
 def from_config(config: dict) -> Adapter:
