@@ -4,11 +4,13 @@ from __future__ import annotations
 from peftjax.core.adapter import Adapter, chain
 from peftjax.methods.data_init import corda, eva, lora_ga
 from peftjax.methods.full import full, probe
+from peftjax.methods.grafting import binarized_graft, graft
 from peftjax.methods.hft import hft
 from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
-from peftjax.methods.sparse import sparse_ft
+from peftjax.methods.mask_tuning import mask_tuning
 from peftjax.methods.sensitivity import spt
+from peftjax.methods.sparse import sparse_ft
 from peftjax.methods.svd_init import loldu, milora, pissa, soka, soma, sorsa, svfit
 
 REGISTRY = {'lora': lora, 'rslora': rslora, 'full': full, 'probe': probe}
@@ -17,6 +19,7 @@ REGISTRY |= {'pissa': pissa, 'milora': milora, 'soma': soma, 'sorsa': sorsa, 'sv
 REGISTRY |= {'lora_pro': lora_pro}
 REGISTRY |= {'corda': corda, 'eva': eva, 'lora_ga': lora_ga}
 REGISTRY |= {'sparse_ft': sparse_ft, 'spt': spt, 'hft': hft}
+REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 
 
 def from_config(config: dict) -> Adapter:
