@@ -3,9 +3,11 @@
 COMMAND: python -m experiments.run --config=configs/minilm_vader.py:METHOD --workdir=runs/NAME
 
 METHOD is any name of `peftjax.methods.REGISTRY` (default `lora`): LoRA at rank 8, alpha 16,
-dropout 0.1 on every encoder kernel; the other low-rank methods on the same kernels with
-their own (paper) defaults; `s2ft` with its defaults on MiniLM's 12 heads; `full` (lr 5e-5)
-and `probe` (the head alone). Every key the trainer reads is here, with its default;
+dropout 0.1 on every encoder kernel; the other methods on the same kernels with their own
+(paper) defaults; `s2ft` with its defaults on MiniLM's 12 heads; `full` (lr 5e-5) and
+`probe` (the head alone). `graft` grafts the `full` run in `runs/minilm_vader_full` (its
+adapter, and its head as the starting head) at lr 0.05, so that Adam's steps of about lr can
+carry scores across the sigmoid bias (10) within the run; the head trains at that lr too. Every key the trainer reads is here, with its default;
 `--config.KEY=VALUE` changes one.
 """
 import inspect
@@ -15,7 +17,9 @@ import ml_collections
 from peftjax import methods
 
 TARGETS = ('encoder/.*/kernel',)
-LEARNING_RATES = {'full': 5e-5}
+# HFT takes full fine-tuning's settings.
+LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2}
+FULL_RUN_ADAPTER = 'runs/minilm_vader_full/adapter'  # what `graft` grafts
 MINILM_HEADS = 12
 
 
@@ -29,6 +33,8 @@ def method_config(name: str) -> dict:
     return {'name': name, 'targets': TARGETS, 'rank': 8, 'alpha': 16.0, 'dropout': 0.1}
   if name == 's2ft':  # its selection of attention heads needs MiniLM-L6's head count
     return {'name': name, 'num_heads': MINILM_HEADS}
+  if name == 'graft':
+    return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
   targets = inspect.signature(methods.REGISTRY[name]).parameters.get('targets')
   needs_targets = targets is not None and targets.default is inspect.Parameter.empty
   return {'name': name, **({'targets': TARGETS} if needs_targets else {})}
@@ -44,8 +50,8 @@ def get_config(method: str = 'lora'):
        'group_by_length': 0})  # > 0: batches of similar length, in groups of that many batches
   c.method = ml_collections.ConfigDict(method_config(method))
   # head.init: an adapter directory whose saved head starts training ('' = random init).
-  c.head = ml_collections.ConfigDict({'init': ''})
-  # Training batches that data-initialised methods (CorDA, EVA, LoRA-GA) calibrate on.
+  c.head = ml_collections.ConfigDict({'init': FULL_RUN_ADAPTER if method == 'graft' else ''})
+  # Training batches that data-initialised methods (CorDA, EVA, LoRA-GA, SPT) calibrate on.
   c.calibration = ml_collections.ConfigDict({'batches': 8})
   c.optimizer = ml_collections.ConfigDict({
       'lr': LEARNING_RATES.get(method, 1e-3), 'weight_decay': 0.01, 'b1': 0.9, 'b2': 0.999,

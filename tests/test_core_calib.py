@@ -203,3 +203,22 @@ def test_restored_finds_state_leaves_plain_and_inside_a_chain():
   assert C.Restored({'1/x/kernel/a': a}).state_leaf('x/kernel', 'a') is a
   with pytest.raises(ValueError, match='calib=Calibration'):
     C.live('corda', plain)
+
+
+@pytest.mark.parametrize('max_bytes', [0, 1 << 20])
+def test_squared_gradient_averages_each_batch_s_squared_gradient(max_bytes):
+  """SPT's sensitivity: (dL/dW)^2 per batch, then the mean; not the squared mean."""
+  params, batches = mlp_setup(5)
+  cal = mlp_calibration(params, batches, loss_fn=loss, max_bytes=max_bytes)
+  full = [P.flatten(jax.grad(loss)(params, b)) for b in batches]
+  paths = ['fc1/kernel', 'shared/kernel', 'block_0/proj/kernel']
+  got = dict(cal.iter_squared_gradients(paths))
+  assert list(got) == paths
+  for path in paths:
+    want = np.mean([np.asarray(g[path], np.float64) ** 2 for g in full], axis=0)
+    np.testing.assert_allclose(got[path], want, rtol=1e-5, atol=1e-12)
+    squared_mean = np.mean([g[path] for g in full], axis=0) ** 2
+    assert np.abs(want - squared_mean).max() > 0.1 * np.abs(want).max()
+  np.testing.assert_allclose(cal.squared_gradient('fc1/kernel'), got['fc1/kernel'], rtol=1e-6)
+  with pytest.raises(ValueError, match='need a loss_fn'):
+    next(mlp_calibration(params, batches).iter_squared_gradients(paths))

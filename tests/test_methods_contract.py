@@ -1,10 +1,13 @@
 """The method contract, checked for every registered method and a chain on a tiny Flax MLP:
-unchanged at init, merge == structured apply, exact file round trips, configs that rebuild
-the method, unmerge where offered, and shardings derived from the base weights."""
+unchanged at init (grafting: at its base patch), merge == structured apply, exact file round
+trips (of what a codec stores), configs that rebuild the method, unmerge where offered, and
+shardings derived from the base weights."""
 from __future__ import annotations
 
 import functools
 import json
+import pathlib
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -20,6 +23,7 @@ from peftjax.core import paths as P
 from peftjax.core.adapter import describe_targets
 from peftjax.core.leaves import LowRank, is_structured
 from peftjax.io.adapter_file import load_adapter, save_adapter
+from peftjax.io.params_file import save_params
 from peftjax.methods import REGISTRY
 from peftjax.methods.s2ft import unpermute
 from peftjax.models.bert import Dense
@@ -50,12 +54,21 @@ CASES = {
     'lora_ga': lambda: pj.lora_ga('kernel', rank=2, alpha=8.0, direction='A2rBr',
                                   stable_gamma=4.0, rslora=True, rank_pattern={'down': 3}),
     'sparse_ft': lambda: pj.sparse_ft('kernel', density=0.2, select='magnitude', l1=0.1),
+    # The MLP as one block (the empty prefix) whose category holds both layers: one trains.
+    'hft': lambda: pj.hft(blocks='^', categories={'mlp': '^(?:up|down)/'}, seed=3),
+    # down/kernel switches to LoRA (36 entries), up/kernel keeps 4 sensitive entries.
+    'spt': lambda: pj.spt('kernel', budget=40, threshold=0.5, rank=2, dropout=0.1),
+    'mask_tuning': lambda: pj.mask_tuning(['kernel', 'down/bias'], scale=0.05, threshold=0.01,
+                                          temperature=2.0, alpha=0.5, reg=1e-3),
+    'graft': lambda: pj.graft('kernel', str(finetuned_file()), sparsity=0.25, sigmoid_bias=12.0,
+                              l1=1e-3),
     's2ft': lambda: pj.s2ft(layout={'up': 'up', 'down': 'down'}, o_ratio=0.0, u_ratio=0.34,
                             d_ratio=0.25, seed=3),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
-NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft'}
+NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft', 'spt', 'mask_tuning',
+                  'graft'}
 # Methods that re-base the frozen tree on a co-permutation of the weights (the same function):
 # this brings their merged tree back to the base's order.
 PERMUTING = {'s2ft': unpermute}
@@ -69,6 +82,16 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     return Dense(6, name='down')(jnp.tanh(Dense(12, name='up')(x)))
+
+
+@functools.lru_cache(maxsize=None)
+def finetuned_file() -> pathlib.Path:
+  """A "fine-tuned" MLP (the params moved everywhere) as a params file, for grafting."""
+  params, _, _ = model()
+  rng = np.random.default_rng(1)
+  moved = jax.tree.map(lambda x: x + jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype),
+                       params)
+  return save_params(pathlib.Path(tempfile.mkdtemp()) / 'finetuned.safetensors', moved)
 
 
 def forward(params, batch):
@@ -125,6 +148,12 @@ def test_outputs_are_unchanged_at_init(name):
   params, batches, _ = model()
   merged, base = pj.merge(adapter, frozen, state), forward(params, batches[0])
   out = forward(adapter.apply(frozen, state), batches[0])
+  if name == 'graft':  # starts at its base patch: the binary graft it rounds to, within 1e-4
+    patch, used = pj.binarized_graft(adapter, frozen, state)
+    assert used == pytest.approx(0.25, abs=0.01)
+    np.testing.assert_allclose(out, forward(patch, batches[0]), atol=1e-3)
+    assert float(jnp.abs(out - base).max()) > 1e-2
+    return
   flat_f, flat_p = P.flatten(frozen), P.flatten(params)
   if all(flat_f.get(p) is leaf for p, leaf in flat_p.items() if p in flat_f):  # not re-based
     np.testing.assert_array_equal(out, base)
@@ -157,7 +186,11 @@ def test_save_load_round_trip_is_exact(name, tmp_path):
   save_adapter(tmp_path, adapter, frozen, state, base_model='tiny')
   loaded, frozen2, state2, head, meta = load_adapter(tmp_path, params, rng=jax.random.key(9))
   assert loaded.config == adapter.config == meta['method'] and head is None
-  assert_same(state2, state)
+  if adapter.codec is not None:  # the file holds the encoding: that round trip is exact
+    assert_same(adapter.codec.encode(state2), adapter.codec.encode(state))
+    assert_same(adapter.codec.decode(adapter.codec.encode(state), state), state2)
+  else:
+    assert_same(state2, state)
   assert_same(frozen2, frozen)
   assert_same(loaded.apply(frozen2, state2), adapter.apply(frozen, state))
 
@@ -170,7 +203,7 @@ def test_config_is_json_and_rebuilds_an_equivalent_method(name):
   assert config == adapter.config
   rebuilt = pj.from_config(config)
   assert rebuilt.config == adapter.config
-  for field in ('loss', 'tx', 'unmerge', 'describe'):
+  for field in ('loss', 'tx', 'unmerge', 'describe', 'codec', 'guide'):
     assert (getattr(rebuilt, field) is None) == (getattr(adapter, field) is None), field
   frozen2, state2 = rebuilt.init(jax.random.key(1), params, calib=cal)
   assert_same((frozen2, state2), (frozen, state))

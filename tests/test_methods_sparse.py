@@ -240,3 +240,11 @@ def test_lt_sft_config_selects_what_phase_one_changed_most(tmp_path):
     np.testing.assert_array_equal(np.asarray(merged[path]).ravel()[outside],
                                   np.asarray(flat[path]).ravel()[outside])
   assert k == round(0.05 * sum(c.size for c in change.values()))
+
+
+def test_the_summary_counts_the_model_once_and_the_selected_values():
+  params = Majority().model.params
+  adapter = pj.sparse_ft(KERNELS, density=0.1)
+  frozen, state = adapter.init(jax.random.key(0), params)
+  total = pj.num_params(params) + pj.num_params(state)
+  assert f'all params: {total:,} ' in pj.summary(adapter, frozen, state)

@@ -15,7 +15,29 @@ import numpy as np
 import optax
 
 from peftjax.core import paths as P
-from peftjax.core.leaves import materialize
+from peftjax.core.leaves import SparseDelta, is_structured, materialize
+
+
+class Codec(NamedTuple):
+  """How adapter files store a method's state when not as its arrays (e.g. binary masks
+  bit-packed). `encode(state)` is a tree of arrays; `decode(stored, template)` is the state,
+  shaped like `template` (what `init` returns), of a tree shaped like `encode(template)`."""
+  encode: Callable[[Any], Any]
+  decode: Callable[[Any, Any], Any]
+
+
+class Guide(NamedTuple):
+  """Steers a method by how the adapted model's predictions depart from a reference model's.
+
+  Besides the gradient g of the training loss, the train step takes the gradient h, with
+  respect to the state, of `divergence(logits, reference_logits, weights)`: the task's
+  `predictions` on the batch of the adapted tree `apply(frozen, state)` and, held fixed, of
+  `reference(frozen, state)` (same dropout key). The optimiser receives `combine(key, g, h)`
+  in place of g (before clipping); `key` derives from the run's seed and step.
+  """
+  reference: Callable[[Any, Any], Any]
+  divergence: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+  combine: Callable[[jax.Array, Any, Any], Any]
 
 
 class Adapter(NamedTuple):
@@ -29,6 +51,8 @@ class Adapter(NamedTuple):
   tx: optax.GradientTransformation | Callable[[float], optax.GradientTransformation] | None = None
   unmerge: Callable[[Any, Any], Any] | None = None
   describe: Callable[[Any, Any], dict] | None = None
+  codec: Codec | None = None  # the state in adapter files (None: its arrays as they are)
+  guide: Guide | None = None  # a second gradient from the reference model's predictions
 
 
 def merge(adapter: Adapter, frozen, state):
@@ -75,6 +99,13 @@ def combine(selected: dict[str, Any], rest) -> dict:
 
 def num_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def frozen_params(frozen) -> int:
+  """The parameters of a frozen tree: a `SparseDelta` counts its base weight (its indices
+  and placeholder values are the selection, whose values the state holds)."""
+  return num_params(jax.tree.map(lambda x: x.w if isinstance(x, SparseDelta) else x, frozen,
+                                 is_leaf=is_structured))
 
 
 def chain(*adapters: Adapter) -> Adapter:
@@ -132,13 +163,48 @@ def chain(*adapters: Adapter) -> Adapter:
     return optax.multi_transform(
         {str(i): transform(a, lr) or optax.identity() for i, a in enumerate(adapters)},
         lambda states: tuple(jax.tree.map(lambda _, i=i: str(i), s) for i, s in enumerate(states)))
+
+  codec = Codec(
+      encode=lambda states: tuple(a.codec.encode(s) if a.codec else s
+                                  for a, s in zip(adapters, states)),
+      decode=lambda stored, templates: tuple(
+          a.codec.decode(s, t) if a.codec else s
+          for a, s, t in zip(adapters, stored, templates)))
   return Adapter(
       init=init, apply=apply,
       config={'method': 'chain', 'adapters': [a.config for a in adapters]},
       loss=loss if any(a.loss for a in adapters) else None,
       tx=tx if any(a.tx is not None for a in adapters) else None,
       unmerge=unmerge_all if all(a.unmerge for a in adapters) else None,
-      describe=describe)
+      describe=describe,
+      codec=codec if any(a.codec for a in adapters) else None,
+      guide=_chain_guide(adapters))
+
+
+def _chain_guide(adapters) -> Guide | None:
+  """A chain's guide: its one guided method's, the others' gradients passing unchanged; the
+  reference runs the guided method's reference in place of its `apply`."""
+  guided = [i for i, a in enumerate(adapters) if a.guide is not None]
+  if not guided:
+    return None
+  if len(guided) > 1:
+    names = [adapters[i].config.get('method') for i in guided]
+    raise ValueError(f'a chain may hold one guided method (its gradients are steered by one '
+                     f'reference model), got {names}')
+  (k,) = guided
+  guide = adapters[k].guide
+
+  def reference(frozen, states):
+    params = frozen
+    for i, (adapter, state) in enumerate(zip(adapters, states)):
+      params = (guide.reference if i == k else adapter.apply)(params, state)
+    return params
+
+  def combine(key, grads, guide_grads):
+    return tuple(guide.combine(key, g, h) if i == k else g
+                 for i, (g, h) in enumerate(zip(grads, guide_grads)))
+
+  return Guide(reference=reference, divergence=guide.divergence, combine=combine)
 
 
 def describe_targets(adapter: Adapter, frozen, state) -> dict[str, dict]:
@@ -167,7 +233,7 @@ def summary(adapter: Adapter, frozen, state, head=None, max_rows: int = 48) -> s
   if len(rows) > max_rows:
     lines.append(f'... and {len(rows) - max_rows} more')
   trainable = num_params(state) + num_params(head or {})
-  total = num_params(frozen) + trainable
+  total = frozen_params(frozen) + trainable
   lines.append(f'trainable params: {trainable:,} || all params: {total:,} || '
                f'trainable%: {100 * trainable / max(total, 1):.4f}')
   return '\n'.join(lines)

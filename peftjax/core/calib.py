@@ -5,7 +5,9 @@ loss, and computes per target kernel, on request only:
 - `activations(path)`: a capped, evenly spread sample of the (unmasked) rows x fed to the
   kernel (as in `x @ kernel`), float32 (n, in);
 - `covariance(path)`: C = X^T X / n over every unmasked row of every batch, (in, in);
-- `gradient(path)`: dL/dkernel averaged over the batches, (in, out) (needs `loss_fn`).
+- `gradient(path)`: dL/dkernel averaged over the batches, (in, out) (needs `loss_fn`);
+- `squared_gradient(path)`: (dL/dkernel)^2 of each batch, averaged over the batches, (in, out)
+  (needs `loss_fn`; SPT's parameter sensitivity).
 
 Inputs are captured with `flax.linen.intercept_methods`, so any Linen model works: a target
 is the 2-D `kernel` param of a module whose `__call__` takes x (first positional argument)
@@ -96,6 +98,9 @@ class Calibration:
   def gradient(self, path: str) -> jax.Array:
     return next(self.iter_gradients([path]))[1]
 
+  def squared_gradient(self, path: str) -> jax.Array:
+    return next(self.iter_squared_gradients([path]))[1]
+
   # ------------------------------------------------------------------------------- grouped
   def iter_covariances(self, paths: Sequence[str]) -> Iterator[tuple[str, jax.Array]]:
     """`(path, X^T X / n)` for each path in order (float32)."""
@@ -133,10 +138,18 @@ class Calibration:
 
   def iter_gradients(self, paths: Sequence[str]) -> Iterator[tuple[str, jax.Array]]:
     """`(path, mean over batches of dL/dkernel)` for each path in order (float32)."""
+    return self._iter_grads(paths, squared=False)
+
+  def iter_squared_gradients(self, paths: Sequence[str]) -> Iterator[tuple[str, jax.Array]]:
+    """`(path, mean over batches of (dL/dkernel)^2)` for each path in order (float32): each
+    batch's gradient squared entrywise, then averaged (not the square of `gradient`)."""
+    return self._iter_grads(paths, squared=True)
+
+  def _iter_grads(self, paths, squared: bool):
     if self.loss_fn is None:
       raise ValueError('Calibration: gradients need a loss_fn(params, batch)')
     for group in self._groups(paths, lambda s: 4 * s[0] * s[1]):
-      fn = self._grad_fn(group)
+      fn = self._grad_fn(group, squared)
       flat = P.flatten(self.params)
       for path in group:
         if not isinstance(flat[path], (jax.Array, np.ndarray)):
@@ -205,13 +218,14 @@ class Calibration:
     self._jitted[key] = call
     return call
 
-  def _grad_fn(self, group: list[str]):
-    key = ('grad', tuple(group))
+  def _grad_fn(self, group: list[str], squared: bool = False):
+    key = ('grad2' if squared else 'grad', tuple(group))
     if key not in self._jitted:
       def grads(sub, params, batch):
         def loss(sub):
           return self.loss_fn(P.unflatten({**P.flatten(params), **sub}), batch)
-        return jax.grad(loss)(sub)
+        g = jax.tree.map(lambda x: x.astype(jnp.float32), jax.grad(loss)(sub))
+        return jax.tree.map(jnp.square, g) if squared else g
       self._jitted[key] = jax.jit(grads)
     return self._jitted[key]
 

@@ -8,6 +8,10 @@ calibration data; their `calib.CalibratedResidual` leaves' initial factors are s
 methods' selected indices (`leaves.SparseDelta`) are saved there too, as `frozen/PATH/index`:
 the first index and then the gaps between the sorted indices, in the smallest unsigned
 integer type that holds them; `calib.Restored` receives them decoded.
+
+A method with a `codec` (`Adapter.codec`, e.g. mask tuning's bit-packed masks) has its state
+saved as `codec.encode(state)`; loading checks the file against the encoding of the state
+`init` returns and decodes it.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ class AdapterFileError(ValueError):
 def save_adapter(directory, adapter: Adapter, frozen, state, *, head=None,
                  base_model: str | None = None) -> pathlib.Path:
   """Writes the adapter (atomically) and returns the weights file's path."""
-  tensors = {f'state/{k}': np.asarray(v) for k, v in P.flatten(state).items()}
+  stored = adapter.codec.encode(state) if adapter.codec is not None else state
+  tensors = {f'state/{k}': np.asarray(v) for k, v in P.flatten(stored).items()}
   tensors |= {f'head/{k}': np.asarray(v) for k, v in P.flatten(head or {}).items()}
   tensors |= {f'frozen/{k}': v for k, v in calib.calibrated_tensors(frozen).items()}
   tensors |= {f'frozen/{k}': v for k, v in _sparse_indices(frozen).items()}
@@ -113,14 +118,18 @@ def load_adapter(directory, params, *, rng=None):
     frozen, template = adapter.init(rng, params, calib=saved)
   except ValueError as e:  # e.g. a target pattern that matches nothing in these params
     raise AdapterFileError(f'adapter at {directory} does not fit these params: {e}') from None
-  expected = P.flatten(template)
+  codec = adapter.codec
+  encoded = codec.encode(template) if codec is not None else template
+  expected = P.flatten(encoded)
   problems = mismatches(expected, found)
   if problems:
     raise AdapterFileError(f'adapter at {directory} does not fit these params: {problems}')
-  leaves, treedef = jax.tree.flatten(template)
+  leaves, treedef = jax.tree.flatten(encoded)
   keys = list(expected)
   state = jax.tree.unflatten(treedef, [jnp.asarray(found[k], l.dtype)
                                       for k, l in zip(keys, leaves)])
+  if codec is not None:
+    state = codec.decode(state, template)
   head = P.unflatten({k[len('head/'):]: jnp.asarray(v) for k, v in tensors.items()
                       if k.startswith('head/')})
   return adapter, frozen, state, head or None, meta

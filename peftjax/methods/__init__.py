@@ -4,9 +4,13 @@ from __future__ import annotations
 from peftjax.core.adapter import Adapter, chain
 from peftjax.methods.data_init import corda, eva, lora_ga
 from peftjax.methods.full import full, probe
+from peftjax.methods.grafting import binarized_graft, graft
+from peftjax.methods.hft import hft
 from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
+from peftjax.methods.mask_tuning import mask_tuning
 from peftjax.methods.s2ft import s2ft
+from peftjax.methods.sensitivity import spt
 from peftjax.methods.sparse import sparse_ft
 from peftjax.methods.svd_init import loldu, milora, pissa, soka, soma, sorsa, svfit
 
@@ -15,7 +19,8 @@ REGISTRY |= {'pissa': pissa, 'milora': milora, 'soma': soma, 'sorsa': sorsa, 'sv
              'loldu': loldu, 'soka': soka}
 REGISTRY |= {'lora_pro': lora_pro}
 REGISTRY |= {'corda': corda, 'eva': eva, 'lora_ga': lora_ga}
-REGISTRY |= {'sparse_ft': sparse_ft, 's2ft': s2ft}
+REGISTRY |= {'sparse_ft': sparse_ft, 'spt': spt, 'hft': hft, 's2ft': s2ft}
+REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 
 
 def from_config(config: dict) -> Adapter:

@@ -55,6 +55,34 @@ def scores(select: str, w, *, reference=None, seed: int = 0, path: str = '') -> 
   raise ValueError(f'unknown select {select!r}; expected one of {SELECTIONS}')
 
 
+def ranked(flat: np.ndarray, k: int) -> np.ndarray:
+  """The positions of the `k` largest entries of the 1-D `flat`, largest first (ties: the
+  earlier position first), without sorting all of it."""
+  flat = np.asarray(flat)
+  if not 0 < k <= flat.size:
+    raise ValueError(f'cannot select {k} entries out of {flat.size}')
+  if not np.isfinite(flat).all():
+    raise ValueError('the selection scores hold NaN or infinite values')
+  if k < flat.size:
+    kth = np.partition(flat, flat.size - k)[flat.size - k]
+    above = np.flatnonzero(flat > kth)
+    candidates = np.concatenate([above, np.flatnonzero(flat == kth)[:k - above.size]])
+  else:
+    candidates = np.arange(flat.size)
+  return candidates[np.lexsort((candidates, -flat[candidates]))]
+
+
+def split_positions(positions: np.ndarray, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+  """Positions in the concatenation of flattened matrices of `sizes` as `{path: sorted flat
+  indices}` within each matrix."""
+  positions, out, start = np.sort(positions), {}, 0
+  for path, size in sizes.items():
+    out[path] = (positions[(positions >= start) & (positions < start + size)] - start
+                 ).astype(np.int64)
+    start += size
+  return out
+
+
 def top_entries(scored: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
   """The `k` highest-scoring entries over all of `scored` together: `{path: sorted flat
   indices}` (ties at the threshold go to the earlier path and position)."""
@@ -62,13 +90,7 @@ def top_entries(scored: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
   if not 0 < k <= total:
     raise ValueError(f'cannot select {k} entries out of {total}')
   flat = np.concatenate([s.reshape(-1) for s in scored.values()])
-  chosen = np.sort(np.argsort(-flat, kind='stable')[:k])
-  out, start = {}, 0
-  for path, s in scored.items():
-    hit = chosen[(chosen >= start) & (chosen < start + s.size)] - start
-    out[path] = hit.astype(np.int64)
-    start += s.size
-  return out
+  return split_positions(ranked(flat, k), {p: s.size for p, s in scored.items()})
 
 
 def top_lines(score: np.ndarray, k: int, axis: int) -> np.ndarray:
@@ -123,9 +145,10 @@ def sparse_ft(targets, density: float = 0.005, select: str = 'magnitude', *,
       w = flat[path]
       k = len(index[path])
       shape = {None: (k,), 0: (k, w.shape[1]), 1: (w.shape[0], k)}[axis]
-      values = jnp.zeros(shape, w.dtype)
-      flat[path] = SparseDelta(w, jnp.asarray(index[path], jnp.int32), values, axis)
-      state[path] = {'values': values}
+      # Separate buffers: the trainer donates the state's, never the frozen tree's.
+      flat[path] = SparseDelta(w, jnp.asarray(index[path], jnp.int32), jnp.zeros(shape, w.dtype),
+                               axis)
+      state[path] = {'values': jnp.zeros(shape, w.dtype)}
     return P.unflatten(flat), state
 
   def _select(flat, chosen):

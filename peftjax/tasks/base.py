@@ -55,6 +55,13 @@ class Task(abc.ABC):
     """The training loss on a batch; `params` is the adapted tree (it may hold structured
     leaves: run it with `self.model.apply`); `rng` is given in training (dropout) only."""
 
+  def predictions(self, params, head, batch, *, rng=None) -> tuple[jax.Array, jax.Array]:
+    """The model's prediction logits on a batch, [..., classes] (or tokens), and the weights
+    of their rows, [...]: what methods with a `Guide` compare with a reference model's."""
+    raise NotImplementedError(f'{type(self).__name__} gives no predictions (logits and row '
+                              'weights), which methods with a guide (e.g. mask_tuning with '
+                              'gradient dropout) need')
+
   @abc.abstractmethod
   def eval_sums(self, params, head, batch) -> dict[str, jax.Array]:
     """Per-metric sums over the batch's rows (including `loss`), and their `count`."""

@@ -108,6 +108,9 @@ class SentenceClassification(Task):
                               train=rng is not None, rng=rng)
     return mean_pool(hidden, batch['attention_mask']) @ head['kernel'] + head['bias']
 
+  def predictions(self, params, head, batch, *, rng=None):
+    return self.logits(params, head, batch, rng=rng), batch['weights']
+
   def loss(self, params, head, batch, *, rng=None):
     return cross_entropy(self.logits(params, head, batch, rng=rng), batch['labels'],
                          batch['weights'])

@@ -150,6 +150,9 @@ class _PackedLM(Task):
         encoder_positions=batch['encoder_positions'],
         decoder_positions=batch['decoder_positions'], train=train, rng=rng)
 
+  def predictions(self, params, head, batch, *, rng=None):
+    return self.logits(params, batch, rng=rng), batch['weights']
+
   def loss(self, params, head, batch, *, rng=None):
     losses = _token_losses(self.logits(params, batch, rng=rng), batch['targets'])
     w = batch['weights']

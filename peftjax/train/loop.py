@@ -10,7 +10,7 @@ steps (logged, not used for selection), `train.eval_at_start` one before the fir
 `WORKDIR/adapter`) instead of at random. At the end: the
 test metrics of the best adapter, `summary.json`, `metrics.jsonl` and `curves.png`.
 `resume=True` continues from the newest checkpoint with exactly the batches, dropout keys and
-optimiser state it would have had. Data-initialised methods (CorDA, EVA, LoRA-GA) get a lazy
+optimiser state it would have had. Data-initialised methods (CorDA, EVA, LoRA-GA, SPT) get a lazy
 `Calibration` on the first `config.calibration.batches` training batches (deterministic, so
 a resume rebuilds it). `evaluate_adapter` measures a saved adapter on any split.
 
@@ -44,7 +44,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding
 
 from peftjax import methods, tasks
-from peftjax.core.adapter import num_params, summary
+from peftjax.core.adapter import frozen_params, num_params, summary
 from peftjax.io.adapter_file import load_adapter, load_head, save_adapter
 from peftjax.io.files import atomic_write_text
 from peftjax.models import Model
@@ -329,7 +329,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
       f'val_{selection}': sign * pos['best_metric'], 'best_epoch': pos['best_epoch'],
       'epochs': tc.epochs, 'steps': step,
       'trainable_params': num_params(state.trainable),
-      'total_params': num_params(frozen) + num_params(state.trainable),
+      'total_params': frozen_params(frozen) + num_params(state.trainable),
       'train_steps_per_sec': trained / train_time if train_time else None,
       'adapter_path': str(adapter_file.absolute()),
       'adapter_bytes': adapter_file.stat().st_size if adapter_file.exists() else None,

@@ -16,6 +16,10 @@ from peftjax.core.adapter import Adapter, regularizer, transform
 from peftjax.tasks.base import Task
 
 
+# Folded into a step's key for a guide's `combine` (micro-batches fold in their index).
+GUIDE_STREAM = 0x7FFFFFFF
+
+
 class TrainState(NamedTuple):
   """Everything that changes during training. `trainable` is `{'adapter': the method's state,
   'head': the task's trainable params}`."""
@@ -80,7 +84,12 @@ def make_train_step(task: Task, adapter: Adapter, tx, seed: int, *,
   `accumulate > 1` splits the batch into that many micro-batches (rows i, i + k, ...), runs
   them one after another and sums their gradients weighted by their rows, so the update is
   the full batch's (each micro-batch draws its own dropout key) at a fraction of the memory.
+
+  A method with a `Guide` also gets the gradient of its divergence from the reference
+  model's predictions (summed over micro-batches like the loss's) and replaces the adapter's
+  gradients by its `combine` of the two, before the optimiser (clipping included) sees them.
   """
+  guide = adapter.guide
 
   def loss_fn(trainable, frozen, batch, rng):
     params = adapted(adapter, frozen, trainable['adapter'], compute_dtype)
@@ -89,27 +98,49 @@ def make_train_step(task: Task, adapter: Adapter, tx, seed: int, *,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def guide_grads(trainable, frozen, batch, rng):
+    """The gradient of the guide's divergence with respect to the adapter's state."""
+    head = jax.lax.stop_gradient(trainable['head'])
+    reference = cast_floats(guide.reference(frozen, trainable['adapter']), compute_dtype)
+    ref_logits = jax.lax.stop_gradient(task.predictions(reference, head, batch, rng=rng)[0])
+
+    def divergence(state):
+      logits, weights = task.predictions(adapted(adapter, frozen, state, compute_dtype), head,
+                                         batch, rng=rng)
+      return guide.divergence(logits, ref_logits, weights)
+
+    return jax.grad(divergence)(trainable['adapter'])
+
+  def both(trainable, frozen, batch, rng):
+    (_, loss), grads = grad_fn(trainable, frozen, batch, rng)
+    extra = guide_grads(trainable, frozen, batch, rng) if guide is not None else None
+    return loss, grads, extra
+
   def gradients(trainable, frozen, batch, rng):
     if accumulate == 1:
-      (_, loss), grads = grad_fn(trainable, frozen, batch, rng)
-      return loss, grads
+      return both(trainable, frozen, batch, rng)
     micro = jax.tree.map(lambda x: jnp.swapaxes(
         x.reshape(x.shape[0] // accumulate, accumulate, *x.shape[1:]), 0, 1), batch)
     total = jnp.sum(batch['weights'])
 
     def add(carry, xs):
       i, part = xs
-      (_, loss), grads = grad_fn(trainable, frozen, part, jax.random.fold_in(rng, i))
+      out = both(trainable, frozen, part, jax.random.fold_in(rng, i))
       w = jnp.sum(part['weights']) / total
-      return jax.tree.map(lambda c, g: c + g * w, carry, (loss, grads)), None
+      return jax.tree.map(lambda c, g: c + g * w, carry, out), None
 
-    zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), trainable))
-    (loss, grads), _ = jax.lax.scan(add, zeros, (jnp.arange(accumulate), micro))
-    return loss, grads
+    zeros = jax.tree.map(jnp.zeros_like, (
+        jnp.zeros((), jnp.float32), trainable,
+        trainable['adapter'] if guide is not None else None))
+    out, _ = jax.lax.scan(add, zeros, (jnp.arange(accumulate), micro))
+    return out
 
   def step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    loss, grads = gradients(state.trainable, frozen, batch, rng)
+    loss, grads, extra = gradients(state.trainable, frozen, batch, rng)
+    if guide is not None:
+      key = jax.random.fold_in(rng, GUIDE_STREAM)
+      grads = {**grads, 'adapter': guide.combine(key, grads['adapter'], extra)}
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
