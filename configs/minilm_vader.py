@@ -4,7 +4,8 @@ COMMAND: python -m experiments.run --config=configs/minilm_vader.py:METHOD --wor
 
 METHOD is any name of `peftjax.methods.REGISTRY` (default `lora`): LoRA at rank 8, alpha 16,
 dropout 0.1 on every encoder kernel; the other low-rank methods on the same kernels with
-their own (paper) defaults; `full` (lr 5e-5) and `probe` (the head alone). Every key the
+their own (paper) defaults; `full` (lr 5e-5) and `probe` (the head alone); `sara` with the
+official optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)). Every key the
 trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
 """
 import inspect
@@ -12,9 +13,10 @@ import inspect
 import ml_collections
 
 from peftjax import methods
+from peftjax.methods.sparse_low_rank import sara_lr
 
 TARGETS = ('encoder/.*/kernel',)
-LEARNING_RATES = {'full': 5e-5}
+LEARNING_RATES = {'full': 5e-5, 'sara': sara_lr()}  # SaRA: the official optimiser's default
 
 
 def method_config(name: str) -> dict:

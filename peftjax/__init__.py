@@ -13,8 +13,8 @@ from peftjax.core.linen import apply, structured_layers
 from peftjax.core.paths import PatternError, flatten, select, unflatten
 from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head, save_adapter
 from peftjax.methods import (REGISTRY, corda, eva, from_config, full, loldu, lora, lora_ga,
-                             lora_pro, milora, pissa, probe, rslora, soka, soma, sorsa,
-                             sparse_ft, svfit)
+                             lora_pro, milora, pissa, probe, rslora, sara, soka, soma,
+                             sorsa, sparse_ft, svfit)
 
 __version__ = '0.1.0'
 
@@ -23,6 +23,6 @@ __all__ = [
     'apply', 'chain', 'combine', 'corda', 'dense', 'eva', 'flatten', 'from_config', 'full',
     'load_adapter', 'load_head', 'loldu', 'lora', 'lora_ga', 'lora_pro', 'materialize',
     'merge', 'milora', 'num_params', 'partition', 'pissa', 'probe', 'regularizer', 'rslora',
-    'SparseDelta', 'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'sparse_ft',
+    'sara', 'SparseDelta', 'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'sparse_ft',
     'structured_layers', 'summary', 'svfit', 'transform', 'unflatten', 'unmerge',
 ]

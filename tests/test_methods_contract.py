@@ -49,10 +49,11 @@ CASES = {
     'lora_ga': lambda: pj.lora_ga('kernel', rank=2, alpha=8.0, direction='A2rBr',
                                   stable_gamma=4.0, rslora=True, rank_pattern={'down': 3}),
     'sparse_ft': lambda: pj.sparse_ft('kernel', density=0.2, select='magnitude', l1=0.1),
+    'sara': lambda: pj.sara('kernel', threshold=0.2, lambda_rank=0.01, rank_min_dim=0),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
-NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft'}
+NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft', 'sara'}
 AXES = PS.axes_from_table([('up/kernel', ('embed', 'mlp')), ('up/bias', ('mlp',)),
                            ('down/kernel', ('mlp', 'embed')), ('down/bias', ('embed',))])
 

@@ -7,6 +7,7 @@ from peftjax.methods.full import full, probe
 from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
 from peftjax.methods.sparse import sparse_ft
+from peftjax.methods.sparse_low_rank import sara
 from peftjax.methods.svd_init import loldu, milora, pissa, soka, soma, sorsa, svfit
 
 REGISTRY = {'lora': lora, 'rslora': rslora, 'full': full, 'probe': probe}
@@ -15,6 +16,7 @@ REGISTRY |= {'pissa': pissa, 'milora': milora, 'soma': soma, 'sorsa': sorsa, 'sv
 REGISTRY |= {'lora_pro': lora_pro}
 REGISTRY |= {'corda': corda, 'eva': eva, 'lora_ga': lora_ga}
 REGISTRY |= {'sparse_ft': sparse_ft}
+REGISTRY |= {'sara': sara}
 
 
 def from_config(config: dict) -> Adapter:
