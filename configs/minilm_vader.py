@@ -4,21 +4,23 @@ COMMAND: python -m experiments.run --config=configs/minilm_vader.py:METHOD --wor
 
 METHOD is any name of `peftjax.methods.REGISTRY` (default `lora`): LoRA at rank 8, alpha 16,
 dropout 0.1 on every encoder kernel; the other methods on the same kernels with their own
-(paper) defaults; `s2ft` with its defaults on MiniLM's 12 heads; `full` (lr 5e-5) and
-`probe` (the head alone). `graft` grafts the `full` run in `runs/minilm_vader_full` (its
-adapter, and its head as the starting head) at lr 0.05, so that Adam's steps of about lr can
-carry scores across the sigmoid bias (10) within the run; the head trains at that lr too. Every key the trainer reads is here, with its default;
-`--config.KEY=VALUE` changes one.
+(paper) defaults; `s2ft` with its defaults on MiniLM's 12 heads; `sara` with the official
+optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
+(the head alone). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
+and its head as the starting head) at lr 0.05, so that Adam's steps of about lr can carry
+scores across the sigmoid bias (10) within the run; the head trains at that lr too. Every
+key the trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
 """
 import inspect
 
 import ml_collections
 
 from peftjax import methods
+from peftjax.methods.sparse_low_rank import sara_lr
 
 TARGETS = ('encoder/.*/kernel',)
-# HFT takes full fine-tuning's settings.
-LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2}
+# HFT takes full fine-tuning's settings; SaRA the official optimiser's default.
+LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2, 'sara': sara_lr()}
 FULL_RUN_ADAPTER = 'runs/minilm_vader_full/adapter'  # what `graft` grafts
 MINILM_HEADS = 12
 

@@ -14,7 +14,8 @@ from peftjax.core.paths import PatternError, flatten, select, unflatten
 from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head, save_adapter
 from peftjax.methods import (REGISTRY, binarized_graft, corda, eva, from_config, full, graft,
                              hft, loldu, lora, lora_ga, lora_pro, mask_tuning, milora, pissa,
-                             probe, rslora, s2ft, soka, soma, sorsa, sparse_ft, spt, svfit)
+                             probe, rslora, s2ft, sara, soka, soma, sorsa, sparse_ft, spt,
+                             svfit)
 
 __version__ = '0.1.0'
 
@@ -23,7 +24,7 @@ __all__ = [
     'apply', 'binarized_graft', 'chain', 'combine', 'corda', 'dense', 'eva', 'flatten',
     'from_config', 'full', 'graft', 'hft', 'load_adapter', 'load_head', 'loldu', 'lora',
     'lora_ga', 'lora_pro', 'mask_tuning', 'materialize', 'merge', 'milora', 'num_params',
-    'partition', 'pissa', 'probe', 'regularizer', 'rslora', 's2ft', 'SparseDelta', 'save_adapter',
-    'select', 'soka', 'soma', 'sorsa', 'sparse_ft', 'spt', 'structured_layers', 'summary',
-    'svfit', 'transform', 'unflatten', 'unmerge',
+    'partition', 'pissa', 'probe', 'regularizer', 'rslora', 's2ft', 'sara', 'SparseDelta',
+    'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'sparse_ft', 'spt',
+    'structured_layers', 'summary', 'svfit', 'transform', 'unflatten', 'unmerge',
 ]

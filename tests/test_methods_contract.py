@@ -64,11 +64,12 @@ CASES = {
                               l1=1e-3),
     's2ft': lambda: pj.s2ft(layout={'up': 'up', 'down': 'down'}, o_ratio=0.0, u_ratio=0.34,
                             d_ratio=0.25, seed=3),
+    'sara': lambda: pj.sara('kernel', threshold=0.2, lambda_rank=0.01, rank_min_dim=0),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
 NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft', 'spt', 'mask_tuning',
-                  'graft'}
+                  'graft', 'sara'}
 # Methods that re-base the frozen tree on a co-permutation of the weights (the same function):
 # this brings their merged tree back to the base's order.
 PERMUTING = {'s2ft': unpermute}

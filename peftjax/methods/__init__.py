@@ -12,6 +12,7 @@ from peftjax.methods.mask_tuning import mask_tuning
 from peftjax.methods.s2ft import s2ft
 from peftjax.methods.sensitivity import spt
 from peftjax.methods.sparse import sparse_ft
+from peftjax.methods.sparse_low_rank import sara
 from peftjax.methods.svd_init import loldu, milora, pissa, soka, soma, sorsa, svfit
 
 REGISTRY = {'lora': lora, 'rslora': rslora, 'full': full, 'probe': probe}
@@ -19,7 +20,8 @@ REGISTRY |= {'pissa': pissa, 'milora': milora, 'soma': soma, 'sorsa': sorsa, 'sv
              'loldu': loldu, 'soka': soka}
 REGISTRY |= {'lora_pro': lora_pro}
 REGISTRY |= {'corda': corda, 'eva': eva, 'lora_ga': lora_ga}
-REGISTRY |= {'sparse_ft': sparse_ft, 'spt': spt, 'hft': hft, 's2ft': s2ft}
+REGISTRY |= {'sparse_ft': sparse_ft, 'spt': spt, 'hft': hft, 's2ft': s2ft,
+             'sara': sara}
 REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 
 

@@ -101,6 +101,12 @@ def top_lines(score: np.ndarray, k: int, axis: int) -> np.ndarray:
   return np.sort(np.argsort(-norms, kind='stable')[:k])
 
 
+def entries_below(w, threshold: float) -> np.ndarray:
+  """The sorted flat indices of the entries of `w` with |w| < `threshold` (compared in
+  float32)."""
+  return np.flatnonzero(np.abs(np.asarray(w, np.float32)) < np.float32(threshold))
+
+
 def index_dtype(largest: int):
   """The smallest unsigned integer type that holds `largest`."""
   for dtype in (np.uint8, np.uint16, np.uint32):
@@ -136,7 +142,7 @@ def sparse_ft(targets, density: float = 0.005, select: str = 'magnitude', *,
     del rng
     flat, chosen = select_matrices(params, targets)
     if isinstance(calib, Restored):
-      index = {p: _restored_index(calib, p) for p in chosen}
+      index = {p: restored_index(calib, p, 'sparse_ft') for p in chosen}
     else:
       index = _select(flat, chosen)
     counted['entries'] = sum(int(np.prod(flat[p].shape)) for p in chosen)
@@ -175,19 +181,14 @@ def sparse_ft(targets, density: float = 0.005, select: str = 'magnitude', *,
     total = sum(jnp.sum(jnp.abs(st['values'].astype(jnp.float32))) for st in state.values())
     return l1 * total / counted['entries']
 
-  def describe(frozen, state):
-    flat = P.flatten(frozen)
-    return {path: {'shape': list(flat[path].shape), 'trainable': int(st['values'].size),
-                   'density': float(st['values'].size / np.prod(flat[path].shape))}
-            for path, st in state.items()}
-
   return Adapter(init=init, apply=apply, config=config, loss=loss if l1 else None,
-                 describe=describe)
+                 describe=describe_values)
 
 
+# ----------------------------------------------------------------------------- shared parts
 def with_values(frozen, state, method: str):
-  """`frozen` with the state's `values` in its `SparseDelta` leaves (the `apply` of the
-  sparse methods; `method` names the caller in errors)."""
+  """`frozen` with each `SparseDelta` the state adapts holding the state's `values` (the
+  `apply` of the sparse methods; `method` names the caller in errors)."""
   flat = P.flatten(frozen)
   for path, st in state.items():
     leaf = flat.get(path)
@@ -198,10 +199,19 @@ def with_values(frozen, state, method: str):
   return P.unflatten(flat)
 
 
-def _restored_index(calib: Restored, path: str) -> np.ndarray:
+def describe_values(frozen, state) -> dict[str, dict]:
+  """Per adapted matrix: its shape, the trained values and their fraction of its entries."""
+  flat = P.flatten(frozen)
+  return {path: {'shape': list(flat[path].shape), 'trainable': int(st['values'].size),
+                 'density': float(st['values'].size / np.prod(flat[path].shape))}
+          for path, st in state.items()}
+
+
+def restored_index(calib: Restored, path: str, method: str) -> np.ndarray:
+  """The selected indices of `path` that an adapter file saved (`calib.Restored`)."""
   index = calib.frozen.get(f'{path}{P.SEP}index')
   if index is None:
-    raise ValueError(f'sparse_ft: the adapter file holds no selected indices for {path}')
+    raise ValueError(f'{method}: the adapter file holds no selected indices for {path}')
   return np.asarray(index)
 
 
