@@ -133,6 +133,7 @@ def _lm_bench(*args, timeout=180):
                 timeout=timeout)
 
 
+@pytest.mark.long
 def test_lm_command_reports_tokens_per_second(tmp_path):
   out = tmp_path / 'bench.json'
   proc = _lm_bench('--no-torch', '--json', str(out))

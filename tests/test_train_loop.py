@@ -59,6 +59,7 @@ def test_resume_continues_bit_exactly(uninterrupted, tmp_path):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.long
 def test_resume_across_an_epoch_boundary(uninterrupted, tmp_path):
   reference, _ = uninterrupted
   with pytest.raises(SystemExit):
@@ -160,6 +161,7 @@ def test_max_steps_ends_training_early_with_an_evaluation(tmp_path):
   assert [(r['epoch'], r['step']) for r in val] == [(1, 5), (2, 7)]  # 5 steps per epoch
 
 
+@pytest.mark.long
 def test_eval_every_and_a_head_trained_first(tmp_path):
   """`head.init` starts from a probe run's head (with lr 0 it is kept exactly), and
   `train.eval_every` adds val evaluations between the epoch ends."""

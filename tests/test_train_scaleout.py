@@ -41,9 +41,11 @@ def reference(tmp_path_factory):
   return workdir, train(tiny(mesh=ONE_DEVICE), workdir)
 
 
-@pytest.mark.parametrize('mesh', [{'data': 8}, {'data': 1, 'fsdp': 8},
-                                  {'data': 2, 'tensor': 4}, {'data': 2, 'fsdp': 2, 'tensor': 2}],
-                         ids=['data8', 'fsdp8', 'data2-tensor4', 'data2-fsdp2-tensor2'])
+@pytest.mark.parametrize('mesh', [
+    pytest.param({'data': 8}, id='data8'),
+    pytest.param({'data': 1, 'fsdp': 8}, id='fsdp8', marks=pytest.mark.long),
+    pytest.param({'data': 2, 'tensor': 4}, id='data2-tensor4', marks=pytest.mark.long),
+    pytest.param({'data': 2, 'fsdp': 2, 'tensor': 2}, id='data2-fsdp2-tensor2')])
 def test_every_layout_gives_the_one_device_losses(reference, tmp_path, mesh):
   summary = train(tiny(mesh=mesh, epochs=1), tmp_path)
   assert summary['devices'] == 8 and summary['mesh'] == {'fsdp': 1, 'tensor': 1, **mesh}
@@ -67,6 +69,7 @@ def _no_dropout(config):
   return config
 
 
+@pytest.mark.long
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
   whole = train(_no_dropout(tiny(epochs=1)), tmp_path / 'whole')
   split = train(_no_dropout(tiny(epochs=1, accumulate=2)), tmp_path / 'split')
@@ -78,6 +81,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     train(tiny(epochs=1, accumulate=4), tmp_path / 'bad')
 
 
+@pytest.mark.long
 def test_bf16_compute_keeps_float32_master_weights(reference, tmp_path):
   summary = train(tiny(mesh={'data': 4, 'tensor': 2}, epochs=1, compute_dtype='bfloat16'),
                   tmp_path)
@@ -89,6 +93,7 @@ def test_bf16_compute_keeps_float32_master_weights(reference, tmp_path):
   assert {t.dtype for t in adapter_tensors(tmp_path).values()} == {np.dtype(np.float32)}
 
 
+@pytest.mark.long
 def test_checkpoint_restores_onto_a_different_mesh(reference, tmp_path):
   with pytest.raises(SystemExit, match='halted at step 7'):
     train(tiny(mesh=ONE_DEVICE), tmp_path, halt_at_step=7)
