@@ -1,5 +1,6 @@
-"""Runs one experiment, a study (a config with `pairs`: experiments.study) or a chain of
-stages (a config with `stages`: peftjax.train.stages), from a config.
+"""Runs one experiment, a study (a config with `pairs`: experiments.study), runs side by side
+(a config with `runs`: experiments.compare) or a chain of stages (a config with `stages`:
+peftjax.train.stages), from a config.
 
   python -m experiments.run --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [--resume] [--traceback]
 """
@@ -24,6 +25,10 @@ def main(argv):
   if 'pairs' in config:
     from experiments.study import run_study  # pylint: disable=g-import-not-at-top
     cli.run_cleanly(lambda: run_study(config, _WORKDIR.value))  # resumes by itself
+    return
+  if 'runs' in config:
+    from experiments.compare import run_compare  # pylint: disable=g-import-not-at-top
+    cli.run_cleanly(lambda: run_compare(config, _WORKDIR.value))  # resumes by itself
     return
   if 'stages' in config:
     from peftjax.train.stages import run_stages  # pylint: disable=g-import-not-at-top

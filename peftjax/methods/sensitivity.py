@@ -54,7 +54,7 @@ from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter, is_entry
 from peftjax.core.leaves import LowRank, SparseDelta, is_structured
 from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
-from peftjax.methods.sparse import ranked, split_positions
+from peftjax.methods.sparse import ranked, restored_indices, split_positions
 
 
 # ----------------------------------------------------------------------------- allocation
@@ -193,8 +193,7 @@ def spt(targets, budget: int | float = 0.005, threshold: float = 0.1, rank: int 
       check_rank('SPT', path, rank, flat[path].shape)
     if isinstance(calib, C.Restored):
       lora = {p for p in chosen if calib.state_leaf(p, 'a') is not None}
-      entries = {p: np.asarray(calib.frozen[f'{p}{P.SEP}index']) for p in chosen
-                 if f'{p}{P.SEP}index' in calib.frozen}
+      entries = restored_indices(calib, chosen)
     else:
       total = sum(int(np.prod(flat[p].shape)) for p in chosen)
       count = budget if isinstance(budget, int) else max(1, round(budget * total))

@@ -142,12 +142,12 @@ def sparse_ft(targets, density: float = 0.005, select: str = 'magnitude', *,
     del rng
     flat, chosen = select_matrices(params, targets)
     if isinstance(calib, Restored):
-      index = {p: restored_index(calib, p, 'sparse_ft') for p in chosen}
-    else:
-      index = _select(flat, chosen)
+      index = restored_indices(calib, chosen)
+    else:  # one global threshold can leave a matrix without entries: it stays as it is
+      index = {p: i for p, i in _select(flat, chosen).items() if i.size}
     counted['entries'] = sum(int(np.prod(flat[p].shape)) for p in chosen)
     state = {}
-    for path in chosen:
+    for path in index:
       w = flat[path]
       k = len(index[path])
       shape = {None: (k,), 0: (k, w.shape[1]), 1: (w.shape[0], k)}[axis]
@@ -207,12 +207,11 @@ def describe_values(frozen, state) -> dict[str, dict]:
           for path, st in state.items()}
 
 
-def restored_index(calib: Restored, path: str, method: str) -> np.ndarray:
-  """The selected indices of `path` that an adapter file saved (`calib.Restored`)."""
-  index = calib.frozen.get(f'{path}{P.SEP}index')
-  if index is None:
-    raise ValueError(f'{method}: the adapter file holds no selected indices for {path}')
-  return np.asarray(index)
+def restored_indices(calib: Restored, chosen) -> dict[str, np.ndarray]:
+  """The selected indices that an adapter file saved (`calib.Restored`), for each of the
+  `chosen` paths it holds: a matrix where nothing was selected is neither saved nor adapted."""
+  return {p: np.asarray(calib.frozen[f'{p}{P.SEP}index']) for p in chosen
+          if f'{p}{P.SEP}index' in calib.frozen}
 
 
 # ----------------------------------------------------------------------------- composition

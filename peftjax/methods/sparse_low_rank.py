@@ -78,7 +78,8 @@ from peftjax.core.adapter import Adapter, merge
 from peftjax.core.calib import Restored
 from peftjax.core.leaves import SparseDelta
 from peftjax.methods.common import select_matrices, target_list
-from peftjax.methods.sparse import describe_values, entries_below, restored_index, with_values
+from peftjax.methods.sparse import (describe_values, entries_below, restored_indices,
+                                     with_values)
 
 THRESHOLD = 2e-3  # the official run script's
 LAMBDA_RANK = 5e-4  # the official run script's
@@ -110,16 +111,16 @@ def sara(targets, threshold: float = THRESHOLD, lambda_rank: float = LAMBDA_RANK
     del rng
     flat, chosen = select_matrices(params, targets)
     if isinstance(calib, Restored):
-      index = {p: restored_index(calib, p, 'sara') for p in chosen}
-    else:
-      index = {p: entries_below(flat[p], threshold) for p in chosen}
-      if not any(i.size for i in index.values()):
+      index = restored_indices(calib, chosen)
+    else:  # a matrix without entries under the threshold stays as it is
+      index = {p: i for p in chosen if (i := entries_below(flat[p], threshold)).size}
+      if not index:
         smallest = min(float(np.abs(np.asarray(flat[p], np.float32)).min()) for p in chosen)
         raise ValueError(f'sara: no entry of the targets has |W| < threshold {threshold:g} '
                          f'(the smallest |W| is {smallest:g})')
     ranked.clear()
     state = {}
-    for path in chosen:
+    for path in index:
       w = np.asarray(flat[path])  # on the host, as the selection: no per-shape compiles
       rest = w.copy()
       rest.reshape(-1)[index[path]] = 0

@@ -350,17 +350,21 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   return result
 
 
-def evaluate_adapter(config, adapter_dir, splits=('test',), *, task=None) -> dict:
+def evaluate_adapter(config, adapter_dir, splits=('test',), *, task=None,
+                     head_from=None) -> dict:
   """The task's metrics of the adapter saved in `adapter_dir` on each of `splits`, with the
   data, mesh and compute dtype of `config` (e.g. a run's `config.json` with another
   `data.domain`): `{split: metrics}`. `adapter_dir=None` measures the config's model as it
-  is (a pretrained model's held-out loss; a task head, if any, at its random init)."""
+  is (a pretrained model's held-out loss), with the task head saved in the adapter directory
+  `head_from` (e.g. a merged model's own head), or a random one."""
   init_distributed(config.distributed)
   task = task or tasks.build(config)
   if adapter_dir is None:
     adapter = methods.probe()
     frozen, state = adapter.init(jax.random.key(config.seed), task.model.params)
     head = task.init_head(jax.random.key(config.seed))
+    if head_from is not None:
+      head = load_head(head_from, head)
   else:
     adapter, frozen, state, head, _ = load_adapter(adapter_dir, task.model.params)
   tx = S.make_optimizer(config.optimizer, adapter, 1)

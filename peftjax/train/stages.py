@@ -67,10 +67,10 @@ def run_stages(config, workdir, *, halt_at: tuple[str, int] | None = None) -> di
       prev_name, prev = previous
       prev_dir = workdir / prev_name
       if stage.start == 'merged':
-        stage.model.init = str(_merged(prev, prev_dir))
+        stage.model.init = str(merged(prev, prev_dir))
       elif stage.start == 'reference':
         stage.model.init = prev.model.get('init', '')
-        stage.method.reference = str(_merged(prev, prev_dir))
+        stage.method.reference = str(merged(prev, prev_dir))
       else:
         stage.model.init = prev.model.get('init', '')
         stage.method.init = str(prev_dir / 'adapter')
@@ -89,15 +89,15 @@ def run_stages(config, workdir, *, halt_at: tuple[str, int] | None = None) -> di
   return results
 
 
-def _merged(stage, stage_dir: pathlib.Path) -> pathlib.Path:
+def merged(stage, stage_dir: pathlib.Path) -> pathlib.Path:
   """The stage's best adapter merged into its base model, written once."""
   path = stage_dir / MERGED_FILE
   if not path.exists():
     base = models.build(stage.model, stage.seed).params
     adapter, frozen, state, _, _ = load_adapter(stage_dir / 'adapter', base)
-    merged = merge(adapter, frozen, state)
+    params = merge(adapter, frozen, state)
     if jax.process_index() == 0:
-      save_params(path, merged)
+      save_params(path, params)
     if jax.process_count() > 1:  # the others read it next
       multihost_utils.sync_global_devices(f'merged {path}')
   return path
