@@ -136,8 +136,14 @@ def test_change_selects_the_entries_that_moved_most_over_all_matrices(tmp_path):
   adapter = pj.sparse_ft('kernel', density=10 / total, select='change', reference=str(file))
   frozen, state = adapter.init(jax.random.key(0), params)
   got = {p: np.asarray(P.flatten(frozen)[p].index) for p in state}
+  assert set(got) == set(moved)  # the matrices where nothing was selected stay as they are
   for path in state:
-    np.testing.assert_array_equal(got[path], moved.get(path, []))
+    np.testing.assert_array_equal(got[path], moved[path])
+  assert not isinstance(P.flatten(frozen)['query/kernel'], SparseDelta)
+  pj.save_adapter(tmp_path / 'adapter', adapter, frozen, state, base_model='classifier')
+  _, frozen2, state2, _, _ = pj.load_adapter(tmp_path / 'adapter', params)
+  assert set(state2) == set(moved)
+  assert not isinstance(P.flatten(frozen2)['query/kernel'], SparseDelta)
   with pytest.raises(ValueError, match='go together'):
     pj.sparse_ft('kernel', select='change')
 
