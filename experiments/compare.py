@@ -8,7 +8,8 @@ names, or '' for all); `experiments.run` hands such a config here.
 Every run, and every stage of a chain, trains in a fresh process of its own, so that its peak
 resident memory (VmHWM: everything the process held, data and compiled code included) is its
 own; it lands in `resources.json` next to the run's `summary.json`. A finished run is skipped
-and an interrupted one resumes, so a stopped study continues. A string in a run's config may
+and an interrupted one resumes (its peak and wall time are then the resumed process's), so a
+stopped study continues. A string in a run's config may
 hold `{workdir}`, the study's workdir (a run that grafts another run's adapter).
 
 - `compose` ({'parts': (row, ...)} or empty): rows of sparse fine-tunings (`sparse_ft`), each
