@@ -6,9 +6,9 @@ METHOD is any name of `peftjax.methods.REGISTRY` (default `lora`): LoRA at rank 
 dropout 0.1 on every encoder kernel; the other methods on the same kernels with their own
 (paper) defaults; `s2ft` with its defaults on MiniLM's 12 heads; `sara` with the official
 optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
-(the head alone). `adapter` and `mosa` insert bottleneck modules of width 32
-(about LoRA's trainable count) after each sub-layer's output projection (Houlsby's
-placement, sequential with the residual). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
+(the head alone). `adapter` and `mosa` insert bottleneck modules of width 32 (about LoRA's
+trainable count) after each sub-layer's output projection (Houlsby's placement, sequential
+with the residual). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
 and its head as the starting head) at lr 0.05, so that Adam's steps of about lr can carry
 scores across the sigmoid bias (10) within the run; the head trains at that lr too. Every
 key the trainer reads is here, with its default; `--config.KEY=VALUE` changes one.

@@ -104,7 +104,7 @@ def insert(config: dict, make_entry: Callable, make_leaf: Callable, **fields) ->
       flat[f'{path}{P.SEP}{KEY}'] = make_leaf(path, entry)
     return P.unflatten(flat)
 
-  def describe(frozen, state):
+  def describe(frozen, state):  # shape: [width the adapter reads, width it adds to]
     del frozen
     return {path: {'shape': [int(e['down'].shape[0]), int(e['up'].shape[-1])],
                    'trainable': int(sum(np.size(v) for v in e.values())),
