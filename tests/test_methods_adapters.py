@@ -175,7 +175,7 @@ def test_widths_come_from_the_module_kernel_and_mismatches_name_the_module():
       pj.bottleneck_adapter('embed$', **bad)
 
 
-def test_gradients_reach_the_adapter_weights_only_through_the_model():
+def test_gradients_reach_every_adapter_weight_and_the_state_holds_no_model_weight():
   """Every adapter leaf gets a gradient (down too, once up has moved off zero); the model's
   weights are not part of the state, and a chain with LoRA keeps the adapter's module."""
   adapter = pj.bottleneck_adapter(['embed$', 'mlp$'], size=4, widths=MLP_WIDTHS)

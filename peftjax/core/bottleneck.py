@@ -15,8 +15,8 @@ parallel adapter (arXiv:2110.04366).
 Linen modules read only the params they ask for, so the extra key changes nothing in the
 model's code or in a run without the interceptor. No tree of weights can hold such a module:
 `pj.merge` refuses a tree holding one. `paths.flatten` keeps a `Bottleneck` whole (one leaf
-per module, as a structured leaf per weight); it has no array shape (`ndim` 0), so no
-selection of weights picks it up.
+per module, as a structured leaf per weight), so later methods of a chain keep it intact; it
+has no array shape (`ndim` 0), so their selections of 2-D weights skip it.
 """
 from __future__ import annotations
 
