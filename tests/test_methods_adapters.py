@@ -118,6 +118,9 @@ def test_zero_init_adapters_leave_outputs_unchanged_on_bert_and_a_user_model(var
     # Trained, the same adapters change the outputs: they run inside the unchanged models.
     adapted = run(adapter.apply(frozen, moved(state)))
     assert float(jnp.abs(adapted - run(params)).max()) > 1e-2
+    if params is user_params():  # Linen ignores the inserted key: without the interceptor
+      plain = UserModel().apply({'params': adapter.apply(frozen, moved(state))}, x)
+      np.testing.assert_allclose(plain, run(params), rtol=1e-6, atol=1e-6)  # it runs unadapted
 
 
 def reference(params, entry, x, *, placement, residual, scale):
