@@ -6,7 +6,9 @@ METHOD is any name of `peftjax.methods.REGISTRY` (default `lora`): LoRA at rank 
 dropout 0.1 on every encoder kernel; the other methods on the same kernels with their own
 (paper) defaults; `s2ft` with its defaults on MiniLM's 12 heads; `sara` with the official
 optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
-(the head alone). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
+(the head alone). `adapter` and `mosa` insert bottleneck modules of width 32 (about LoRA's
+trainable count) after each sub-layer's output projection (Houlsby's placement, sequential
+with the residual). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
 and its head as the starting head) at lr 0.05, so that Adam's steps of about lr can carry
 scores across the sigmoid bias (10) within the run; the head trains at that lr too. Every
 key the trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
@@ -23,6 +25,8 @@ TARGETS = ('encoder/.*/kernel',)
 LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2, 'sara': sara_lr()}
 FULL_RUN_ADAPTER = 'runs/minilm_vader_full/adapter'  # what `graft` grafts
 MINILM_HEADS = 12
+# Modules (not params) that bottleneck adapters wrap: each sub-layer's output projection.
+ADAPTER_TARGETS = (r'attention/output$', r'layer_\d+/output$')
 
 
 def method_config(name: str) -> dict:
@@ -35,6 +39,8 @@ def method_config(name: str) -> dict:
     return {'name': name, 'targets': TARGETS, 'rank': 8, 'alpha': 16.0, 'dropout': 0.1}
   if name == 's2ft':  # its selection of attention heads needs MiniLM-L6's head count
     return {'name': name, 'num_heads': MINILM_HEADS}
+  if name in ('adapter', 'mosa'):
+    return {'name': name, 'targets': ADAPTER_TARGETS, 'size': 32}
   if name == 'graft':
     return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
   targets = inspect.signature(methods.REGISTRY[name]).parameters.get('targets')

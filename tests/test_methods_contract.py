@@ -1,7 +1,8 @@
 """The method contract, checked for every registered method and a chain on a tiny Flax MLP:
-unchanged at init (grafting: at its base patch), merge == structured apply, exact file round
-trips (of what a codec stores), configs that rebuild the method, unmerge where offered, and
-shardings derived from the base weights."""
+unchanged at init (grafting: at its base patch), merge == structured apply (methods that
+insert modules: merge refuses), exact file round trips (of what a codec stores), configs that
+rebuild the method, unmerge where offered, and shardings derived from the base weights
+(inserted modules' weights: replicated)."""
 from __future__ import annotations
 
 import functools
@@ -65,11 +66,16 @@ CASES = {
     's2ft': lambda: pj.s2ft(layout={'up': 'up', 'down': 'down'}, o_ratio=0.0, u_ratio=0.34,
                             d_ratio=0.25, seed=3),
     'sara': lambda: pj.sara('kernel', threshold=0.2, lambda_rank=0.01, rank_min_dim=0),
+    'adapter': lambda: pj.bottleneck_adapter(['^up$', '^down$'], size=5, placement='parallel',
+                                             residual=False, activation='relu', scale=2.0),
+    'mosa': lambda: pj.mosa('^up$', size=4, modules=4, active=2, seed=3, activation='tanh'),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
 NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft', 'spt', 'mask_tuning',
                   'graft', 'sara'}
+# Methods that insert modules around the model's calls: no merged tree, no unmerge.
+INSERTS_MODULES = {'adapter', 'mosa'}
 # Methods that re-base the frozen tree on a co-permutation of the weights (the same function):
 # this brings their merged tree back to the base's order.
 PERMUTING = {'s2ft': unpermute}
@@ -96,7 +102,7 @@ def finetuned_file() -> pathlib.Path:
 
 
 def forward(params, batch):
-  return MLP().apply({'params': params}, batch['x'])
+  return pj.apply(MLP(), params, batch['x'])
 
 
 def loss_fn(params, batch):
@@ -147,8 +153,11 @@ def test_every_registered_method_has_a_case():
 def test_outputs_are_unchanged_at_init(name):
   adapter, frozen, state = initialised(name)
   params, batches, _ = model()
-  merged, base = pj.merge(adapter, frozen, state), forward(params, batches[0])
-  out = forward(adapter.apply(frozen, state), batches[0])
+  base, out = forward(params, batches[0]), forward(adapter.apply(frozen, state), batches[0])
+  if name in INSERTS_MODULES:
+    np.testing.assert_array_equal(out, base)
+    return
+  merged = pj.merge(adapter, frozen, state)
   if name == 'graft':  # starts at its base patch: the binary graft it rounds to, within 1e-4
     patch, used = pj.binarized_graft(adapter, frozen, state)
     assert used == pytest.approx(0.25, abs=0.01)
@@ -171,6 +180,12 @@ def test_merge_equals_the_structured_apply(name):
   adapter, frozen, state = initialised(name)
   params, batches, _ = model()
   state = trained(state)
+  if name in INSERTS_MODULES:
+    with pytest.raises(pj.NotMergeableError, match=f"'{name}' inserts modules"):
+      pj.merge(adapter, frozen, state)
+    structured = forward(adapter.apply(frozen, state), batches[1])
+    assert float(jnp.abs(structured - forward(params, batches[1])).max()) > 1e-3
+    return
   merged = pj.merge(adapter, frozen, state)
   assert not any(map(is_structured, jax.tree.leaves(merged, is_leaf=is_structured)))
   structured = forward(adapter.apply(frozen, state), batches[1])
@@ -225,6 +240,9 @@ def test_describe_counts_the_state(name):
 def test_unmerge_inverts_merge_where_offered(name):
   adapter, frozen, state = initialised(name)
   state = trained(state)
+  if name in INSERTS_MODULES:
+    assert adapter.unmerge is None
+    return
   merged = pj.merge(adapter, frozen, state)
   if name in NOT_INVERTIBLE:
     assert adapter.unmerge is None
@@ -268,6 +286,9 @@ def test_every_state_and_frozen_leaf_shards_like_its_base_weight(name):
   for (key_path, leaf), (_, sharding) in zip(leaves, got):
     path = P.path_str(key_path)
     owner = [p for p in base if f'/{p}/' in f'/{path}/']
+    if name in INSERTS_MODULES and path.startswith('state/'):  # a module's, not a weight's
+      assert not owner and sharding.is_fully_replicated, (path, sharding.spec)
+      continue
     assert len(owner) == 1, path
     want = NamedSharding(mesh, derived_spec(path, leaf.shape, *base[owner[0]], mesh))
     assert sharding.is_equivalent_to(want, leaf.ndim), (path, leaf.shape, sharding.spec)

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from peftjax.core import paths as P
+from peftjax.core.bottleneck import Bottleneck
 from peftjax.core.leaves import SparseDelta, is_structured, materialize
 
 
@@ -55,9 +56,33 @@ class Adapter(NamedTuple):
   guide: Guide | None = None  # a second gradient from the reference model's predictions
 
 
+class NotMergeableError(TypeError):
+  """A method whose tree inserts modules into the model (`core.bottleneck`): no tree of the
+  model's own weights computes what it does."""
+
+
 def merge(adapter: Adapter, frozen, state):
-  """A plain Flax tree (no structured leaves) equal to what the model runs with."""
-  return materialize(adapter.apply(frozen, state))
+  """A plain Flax tree (no structured leaves) equal to what the model runs with.
+
+  Raises:
+    NotMergeableError: the method inserts modules (bottleneck adapters, MoSA), which no
+      weight of the model can hold.
+  """
+  params = adapter.apply(frozen, state)
+  modules = inserted_modules(params)
+  if modules:
+    raise NotMergeableError(
+        f"method {adapter.config.get('method')!r} inserts modules into the model (at "
+        f"{', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''}) that no weight of the "
+        'model can hold, so it has no merged tree; run adapter.apply(frozen, state) inside '
+        'pj.structured_layers() (as the trainer does)')
+  return materialize(params)
+
+
+def inserted_modules(tree) -> list[str]:
+  """The paths of the modules that `tree` inserts around its modules' calls."""
+  return [P.SEP.join(p.split(P.SEP)[:-1]) for p, leaf in P.flatten(tree).items()
+          if isinstance(leaf, Bottleneck)]
 
 
 def unmerge(adapter: Adapter, merged, state):

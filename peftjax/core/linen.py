@@ -11,6 +11,9 @@ dropout is active when the call has a 'dropout' rng (i.e. training).
 Modules that compute structured kernels themselves (the bundled models' `Dense`) declare it
 with a class attribute `handles_structured = True`; any other module that finds a structured
 leaf among its own params raises an error that names it.
+
+A module whose params hold a `bottleneck.Bottleneck` (under `bottleneck.KEY`) has its call
+wrapped by that adapter, whatever the module (`peftjax.core.bottleneck`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import string
 import flax.linen as nn
 import jax.numpy as jnp
 
-from peftjax.core import leaves
+from peftjax.core import bottleneck, leaves
 from peftjax.core import paths as P
 
 
@@ -43,6 +46,15 @@ def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   if context.method_name != '__call__' or module.scope is None or not args:
     return next_fun(*args, **kwargs)
+  inserted = module.variables.get('params', {}).get(bottleneck.KEY)
+  if isinstance(inserted, bottleneck.Bottleneck):  # a module around this call
+    y = _layer_call(next_fun, args, kwargs, module)
+    rng = _rng(module) if inserted.stochastic else None  # drawn after the module's own
+    return inserted(args[0], y, rng, where=P.SEP.join(map(str, module.scope.path)))
+  return _layer_call(next_fun, args, kwargs, module)
+
+
+def _layer_call(next_fun, args, kwargs, module):
   own = {k: v for k, v in module.variables.get('params', {}).items()
          if leaves.is_structured(v)}
   if not own or getattr(module, 'handles_structured', False):

@@ -15,7 +15,9 @@ leaf, the optimiser's moments of either) takes that param's sharding:
   state, one element per selected entry): split over all the mesh axes that shard the param,
   where they divide the count, so each device holds a share of the entries and of their
   optimiser moments (row and column selections follow the rank rule above);
-- anything else (ranks' singular values, scalars, the head, step counters): replicated.
+- anything else (ranks' singular values, scalars, the head, step counters): replicated; so are
+  bottleneck adapters' weights (keyed by a module's path, which holds no param): in·r + r·out
+  per module, small beside the weights.
 
 A mesh axis is dropped from a spec where it does not divide the dimension, so any mesh
 shape works for any model.
