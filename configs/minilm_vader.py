@@ -8,9 +8,10 @@ dropout 0.1 on every encoder kernel; the other methods on the same kernels with 
 optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
 (the head alone). `adapter` and `mosa` insert bottleneck modules of width 32 (about LoRA's
 trainable count) after each sub-layer's output projection (Houlsby's placement, sequential
-with the residual). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
-and its head as the starting head) at lr 0.05, so that Adam's steps of about lr can carry
-scores across the sigmoid bias (10) within the run; the head trains at that lr too. Every
+with the residual). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter)
+at lr 0.05, so that Adam's steps of about lr can carry scores across the sigmoid bias (10)
+within the run, with that run's head frozen (`head_lr_scale` 0), as the paper measures a
+graft with the fine-tuned model's own head. Every
 key the trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
 """
 import inspect
@@ -64,7 +65,9 @@ def get_config(method: str = 'lora'):
   c.optimizer = ml_collections.ConfigDict({
       'lr': LEARNING_RATES.get(method, 1e-3), 'weight_decay': 0.01, 'b1': 0.9, 'b2': 0.999,
       'eps': 1e-8, 'schedule': 'constant',  # or 'cosine' (after warmup_steps, to 0)
-      'warmup_steps': 0, 'clip_norm': 0.0})
+      'warmup_steps': 0, 'clip_norm': 0.0,
+      # the head's lr as a multiple of lr (0: the head stays frozen)
+      'head_lr_scale': 0.0 if method == 'graft' else 1.0})
   c.train = ml_collections.ConfigDict({
       'batch_size': 32, 'eval_batch_size': 64, 'epochs': 3, 'max_steps': 0, 'log_every': 20,
       'eval_every': 0,  # extra val evaluations every that many steps (0: once per epoch)

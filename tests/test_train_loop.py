@@ -182,3 +182,29 @@ def test_eval_every_and_a_head_trained_first(tmp_path):
   c.head.init = str(tmp_path / 'nothing')
   with pytest.raises(AdapterFileError, match='no adapter at'):
     train(c, tmp_path / 'missing')
+
+
+def test_head_lr_scale_scales_the_head_updates_only():
+  import jax
+  import jax.numpy as jnp
+  import peftjax as pj
+  from peftjax.train.step import make_optimizer
+  rng = np.random.default_rng(0)
+  params = {'adapter': {'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
+            'head': {'kernel': jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+
+  def updates(scale):
+    c = ml_collections.ConfigDict({'lr': 0.1, 'weight_decay': 0.01, 'b1': 0.9, 'b2': 0.999,
+                                   'eps': 1e-8, 'schedule': 'constant', 'warmup_steps': 0,
+                                   'clip_norm': 0.0, 'head_lr_scale': scale})
+    tx = make_optimizer(c, pj.full())
+    return tx.update(grads, tx.init(params), params)[0]
+
+  one, half, frozen = updates(1.0), updates(0.5), updates(0.0)
+  np.testing.assert_array_equal(half['adapter']['w'], one['adapter']['w'])
+  np.testing.assert_array_equal(half['head']['kernel'], 0.5 * one['head']['kernel'])
+  np.testing.assert_array_equal(frozen['head']['kernel'], 0.0)
+  assert np.abs(one['head']['kernel']).min() > 0
+  with pytest.raises(ValueError, match='head_lr_scale must be >= 0'):
+    updates(-1.0)

@@ -31,7 +31,8 @@ class TrainState(NamedTuple):
 def make_optimizer(config, adapter: Adapter, total_steps: int = 0) -> optax.GradientTransformation:
   """AdamW (constant LR, or warm-up + cosine decay to 0 at `total_steps`). The raw gradients
   (adapter and head) are clipped to `clip_norm` first, then the method's own transform sees
-  the adapter's, as in the reference trainers of LoRA-Pro and SORSA."""
+  the adapter's, as in the reference trainers of LoRA-Pro and SORSA. The head's updates are
+  `head_lr_scale` (default 1) times AdamW's: its learning rate scaled, 0 a frozen head."""
   lr = config.lr
   if config.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
@@ -46,7 +47,24 @@ def make_optimizer(config, adapter: Adapter, total_steps: int = 0) -> optax.Grad
     parts.append(_on_adapter(method_tx))
   parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
+  head_scale = config.get('head_lr_scale', 1.0)
+  if head_scale < 0:
+    raise ValueError(f'optimizer.head_lr_scale must be >= 0 (0 freezes the head), got '
+                     f'{head_scale}')
+  if head_scale != 1.0:
+    parts.append(_on_head(optax.scale(head_scale)))
   return optax.chain(*parts)
+
+
+def _on_head(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """A stateless `tx` on the `head` part of `{'adapter', 'head'}` updates."""
+
+  def update(updates, state, params=None):
+    del params
+    head, state = tx.update(updates['head'], state)
+    return {**updates, 'head': head}, state
+
+  return optax.GradientTransformation(lambda params: tx.init(params['head']), update)
 
 
 def _on_adapter(tx: optax.GradientTransformation) -> optax.GradientTransformation:
