@@ -147,7 +147,8 @@ def report(config, workdir) -> dict:
   for label, run in config.rows.items():
     summary = _read(workdir / run / 'summary.json')
     if summary is not None:
-      rows[label] = {'run': run, **summary, **(_read(workdir / run / RESOURCES) or {})}
+      rows[label] = {'run': run, **summary, **(_read(workdir / run / RESOURCES) or {}),
+                     'model_params': model_params(_run_config(workdir, run).model)}
   out = {'rows': rows, 'baseline': config.baseline}
   done = lambda *labels: all(label in rows for label in labels)  # noqa: E731
   parts = tuple(config.compose.get('parts', ()))
@@ -161,6 +162,20 @@ def report(config, workdir) -> dict:
   atomic_write_text(workdir / 'compare.md', table + '\n')
   print(table)
   return out
+
+
+def model_params(model_config) -> int:
+  """The parameter count of the model a run adapts (its summary's `total_params` also
+  counts what its frozen tree holds besides, e.g. grafting's fine-tuned copy)."""
+  key = json.dumps(model_config.to_dict(), sort_keys=True)
+  if key not in _MODEL_PARAMS:
+    from peftjax import models  # pylint: disable=g-import-not-at-top
+    from peftjax.core.adapter import num_params  # pylint: disable=g-import-not-at-top
+    _MODEL_PARAMS[key] = num_params(models.build(model_config).params)
+  return _MODEL_PARAMS[key]
+
+
+_MODEL_PARAMS: dict[str, int] = {}
 
 
 def cached(path: pathlib.Path, make):
@@ -234,11 +249,11 @@ def _ratio(value, reference, fmt='{:.2f}×') -> str:
 
 def markdown(out: dict) -> str:
   rows, base = out['rows'], out['rows'].get(out['baseline'], {})
-  lines = ['| run | method | test acc | val acc | trainable (% of model) | adapter bytes | '
+  lines = ['| run | method | test acc | val acc | trainable (% of the model) | adapter bytes | '
            f'peak RSS GB (× {out["baseline"]}) | steps/s (× {out["baseline"]}) |',
            '|---|---|---|---|---|---|---|---|']
   for label, r in rows.items():
-    share = 100 * r['trainable_params'] / r['total_params']
+    share = 100 * r['trainable_params'] / r['model_params']
     peak = r.get('peak_rss_gb')
     lines.append(
         f"| {label} | {r['method']} | {r['test_accuracy']:.4f} | {r['val_accuracy']:.4f} | "
