@@ -11,6 +11,7 @@ import pytest
 
 from experiments import pretrain_vit
 from peftjax import tasks
+from peftjax.data import assets
 from peftjax.models import TINY_VIT, build, vit
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
@@ -26,7 +27,10 @@ def tiny_pretraining():
   return c
 
 
+@pytest.mark.long
 def test_pretrain_caches_the_best_epoch_and_then_skips(tmp_path, monkeypatch):
+  (tmp_path / 'cache').mkdir()
+  (tmp_path / 'cache' / 'digits').symlink_to(assets.asset_path('digits'))  # the data only
   monkeypatch.setenv('PEFTJAX_CACHE', str(tmp_path / 'cache'))
   config = tiny_pretraining()
   folder = pretrain_vit.pretrain(config, tmp_path / 'run')
