@@ -43,7 +43,8 @@ def test_pretrain_caches_the_best_epoch_and_then_skips(tmp_path, monkeypatch):
   assert build(ml_collections.ConfigDict({'name': 'vit', 'checkpoint': 'digits'})).model_id \
       == model.model_id
   task = tasks.build(config, model)
-  sums = [task.eval_sums(model.params, head, b) for b in task.batches('test', 16)]
+  eval_sums = jax.jit(task.eval_sums)
+  sums = [eval_sums(model.params, head, b) for b in task.batches('test', 16)]
   accuracy = sum(float(s['accuracy']) for s in sums) / sum(float(s['count']) for s in sums)
   assert accuracy == pytest.approx(info['summary']['test_accuracy'], abs=1e-6)
   saved = json.loads((tmp_path / 'run' / 'summary.json').read_text())

@@ -73,7 +73,7 @@ def test_from_config_builds_the_data_and_head(model):
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
       k: (v.shape, v.dtype) for k, v in spec.items()}
   assert task.num_batches('val', 16) == 3
-  metrics = task.eval_sums(task.model.params, head, batch)
+  metrics = jax.jit(task.eval_sums)(task.model.params, head, batch)
   assert float(metrics['count']) == 16 and 0 <= float(metrics['accuracy']) <= 16
 
 

@@ -169,11 +169,14 @@ class ViT(nn.Module):
     return x[:, 0] if cfg.pool == 'cls' else jnp.mean(x, axis=1)
 
 
+def _blank_images(config: ViTConfig):
+  return jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
+
+
 def init(config: ViTConfig, seed: int = 0, *, remat: bool = False) -> Model:
   """A randomly initialised ViT of `config`'s sizes."""
   module = ViT(config, remat)
-  images = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
-  params = jax.jit(module.init)(jax.random.key(seed), images)['params']
+  params = jax.jit(module.init)(jax.random.key(seed), _blank_images(config))['params']
   return Model(module, params, f'random-vit-seed{seed}', module.logical_axes)
 
 
@@ -230,10 +233,11 @@ def load_pretrained(name: str = 'fashion_mnist', *, cache=None, remat: bool = Fa
   directory = checkpoint_dir(name, cache)
   info = read_info(directory)
   config = ViTConfig(**info['vit'])
-  like = init(config, remat=remat)
-  params = load_params(directory / PARAMS_FILE, like.params)
+  module = ViT(config, remat)
+  like = jax.eval_shape(module.init, jax.random.key(0), _blank_images(config))['params']
+  params = load_params(directory / PARAMS_FILE, like)
   digest = hashlib.sha256((directory / PARAMS_FILE).read_bytes()).hexdigest()[:12]
-  model = like._replace(params=params, model_id=f'peftjax-vit-{name}-{digest}')
+  model = Model(module, params, f'peftjax-vit-{name}-{digest}', module.logical_axes)
   if not with_head:
     return model
   width = config.hidden_size
