@@ -90,6 +90,29 @@ def test_fashion_mnist_from_a_debian_package(tmp_path, cache, monkeypatch):
   assert sets['test'].images.dtype == np.uint8 and sets['test'].labels.dtype == np.int32
 
 
+@pytest.mark.parametrize('root', [True, False])
+def test_apt_lists_without_the_package_are_refreshed_as_root(tmp_path, monkeypatch, root):
+  calls = []
+
+  def apt_get(cmd, cwd=None, **kwargs):
+    calls.append(cmd[:2])
+    if cmd[1] == 'download' and ['apt-get', 'update'] in calls:
+      (pathlib.Path(cwd) / 'p_1_all.deb').write_bytes(b'!<arch>\n')
+      return subprocess.CompletedProcess(cmd, 0, '', '')
+    return subprocess.CompletedProcess(cmd, 100 * (cmd[1] == 'download'), '',
+                                       'E: Unable to locate package p')
+
+  monkeypatch.setattr(assets.subprocess, 'run', apt_get)
+  monkeypatch.setattr(assets.os, 'geteuid', lambda: 0 if root else 1000)
+  if root:
+    assert assets.apt_download('p=1', tmp_path).name == 'p_1_all.deb'
+    assert calls == [['apt-get', 'download'], ['apt-get', 'update'], ['apt-get', 'download']]
+  else:
+    with pytest.raises(assets.AssetError, match='run apt-get update first'):
+      assets.apt_download('p=1', tmp_path)
+    assert calls == [['apt-get', 'download']]
+
+
 def test_without_apt_get_the_error_says_what_to_run(cache, monkeypatch):
   monkeypatch.setattr(assets.shutil, 'which', lambda name: None)
   requirement = assets.ASSETS['fashion_mnist'].requirement

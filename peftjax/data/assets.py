@@ -262,11 +262,16 @@ def _unpacked_deb(deb: pathlib.Path) -> Iterator[pathlib.Path]:
     yield pathlib.Path(tmp)
 
 
+# What apt-get says when its package lists lack the package or version, or are out of date.
+_STALE_LISTS = ('Unable to locate package', 'was not found', 'Failed to fetch')
+
+
 def apt_download(requirement: str, dest: str | os.PathLike, *,
                  local_file: str = f'{FETCH_COMMAND} NAME --from FILE') -> pathlib.Path:
   """`apt-get download`s the Debian package `package=version` into the empty folder `dest`;
-  returns the .deb file (no root needed). `local_file`: the command that takes a .deb
-  downloaded elsewhere, for the error where apt-get is missing."""
+  returns the .deb file (no root needed; as root, package lists that lack it are refreshed
+  once with `apt-get update`). `local_file`: the command that takes a .deb downloaded
+  elsewhere, for the error where apt-get is missing."""
   if shutil.which('apt-get') is None:
     raise AssetError(
         f'{requirement} is a Debian package and apt-get is not available here: on a Debian or '
@@ -275,6 +280,12 @@ def apt_download(requirement: str, dest: str | os.PathLike, *,
   cmd = ['apt-get', 'download', requirement]
   log.info('running %s', ' '.join(cmd))
   result = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, check=False)
+  stale = any(message in result.stderr for message in _STALE_LISTS)
+  if result.returncode and stale and os.geteuid() == 0:
+    # A fresh machine may have no (or old) package lists: refresh them once, as root.
+    log.info('running apt-get update (%s)', result.stderr.strip().splitlines()[-1])
+    subprocess.run(['apt-get', 'update', '-qq'], capture_output=True, text=True, check=False)
+    result = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, check=False)
   debs = sorted(pathlib.Path(dest).glob('*.deb'))
   if result.returncode or len(debs) != 1:
     raise AssetError(f'{" ".join(cmd)} failed (exit {result.returncode}, files '
