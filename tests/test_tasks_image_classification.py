@@ -34,7 +34,7 @@ def tiny_config(method: dict):
   c.method = ml_collections.ConfigDict(method)
   c.optimizer.update({'lr': 3e-3, 'schedule': 'constant', 'warmup_steps': 0})
   c.train.update({'batch_size': 16, 'eval_batch_size': 32, 'epochs': 3, 'log_every': 1,
-                  'checkpoint_every': 0})
+                  'checkpoint_every': 0, 'eval_at_start': True})
   return c
 
 
