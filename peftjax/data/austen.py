@@ -168,13 +168,8 @@ def read_lines(deb: str | os.PathLike) -> dict[str, list[str]]:
 
 def download(dest: str | os.PathLike) -> pathlib.Path:
   """`apt-get download`s the pinned package into the folder `dest`; returns the file."""
-  cmd = ['apt-get', 'download', f'{PACKAGE}={PACKAGE_VERSION}']
-  result = subprocess.run(cmd, cwd=dest, capture_output=True, text=True)
-  debs = sorted(pathlib.Path(dest).glob(f'{PACKAGE}_*.deb'))
-  if result.returncode or len(debs) != 1:
-    raise assets.AssetError(f'{" ".join(cmd)} failed (exit {result.returncode}, files '
-                            f'{[p.name for p in debs]}): {result.stderr.strip()[-500:]}')
-  return debs[0]
+  return assets.apt_download(f'{PACKAGE}={PACKAGE_VERSION}', dest,
+                             local_file=f'{EXTRACT_COMMAND} --deb FILE')
 
 
 def extract(deb: str | os.PathLike | None = None, out: str | os.PathLike = DATA_PATH, *,

@@ -14,6 +14,9 @@ TINY_BERT = {'name': 'bert', 'hidden_size': 32, 'num_layers': 2, 'num_heads': 4,
 # A 2-layer, 32-wide random LLaMA decoder for tests (`model.name='llama'`).
 TINY_LLAMA = {'name': 'llama', 'vocab_size': 64, 'hidden_size': 32, 'num_layers': 2,
               'num_heads': 4, 'num_kv_heads': 2, 'intermediate_size': 64, 'max_length': 128}
+# A 2-layer, 16-wide random ViT (patch 7) for tests (`model.name='vit'`).
+TINY_VIT = {'name': 'vit', 'patch_size': 7, 'hidden_size': 16, 'num_layers': 2, 'num_heads': 2,
+            'intermediate_size': 32}
 
 
 class Model(NamedTuple):
@@ -49,8 +52,10 @@ def _build(config, seed: int) -> Model:
   `name='llama'`: a random LLaMA of the given `LlamaConfig` sizes. Both run
   `(input_ids, segment_ids=, positions=, prefix=, train=)` and return next-token logits.
   `name='t5'`: random init of a T5 encoder-decoder of the given `T5Config` fields
-  (`peftjax.models.t5`). `remat=True` (any model) recomputes each block's activations in the
-  backward pass."""
+  (`peftjax.models.t5`). `name='vit'`: the ViT pretrained on Fashion-MNIST with
+  `checkpoint='fashion_mnist'`, else a random ViT of the given `ViTConfig` fields; it runs
+  `(images, train=)` and returns pooled features (`peftjax.models.vit`). `remat=True` (any
+  model) recomputes each block's activations in the backward pass."""
   from peftjax.models import minilm
   from peftjax.models.bert import Bert, BertConfig
   remat = bool(config.get('remat', False))
@@ -70,8 +75,11 @@ def _build(config, seed: int) -> Model:
   if config.name == 't5':
     from peftjax.models import t5
     return t5.init(t5.T5Config(**_sizes(config)), seed, remat=remat)
+  if config.name == 'vit':
+    from peftjax.models import vit
+    return vit.from_config(config, seed)
   raise ValueError(f"unknown model {config.name!r}; expected 'minilm', 'bert', 'smollm2', "
-                   "'llama' or 't5'")
+                   "'llama', 't5' or 'vit'")
 
 
 def _build_llama(config, seed: int, remat: bool) -> Model:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from peftjax.tasks.base import Task
 from peftjax.tasks.classification import SentenceClassification
+from peftjax.tasks.image_classification import ImageClassification
 from peftjax.tasks.lm import CausalLM, Denoising, TextClassification
 
 REGISTRY = {'sentence_classification': SentenceClassification, 'causal_lm': CausalLM,
-            'ul2': Denoising, 'text_classification': TextClassification}
+            'ul2': Denoising, 'text_classification': TextClassification,
+            'image_classification': ImageClassification}
 
 
 def build(config, model=None) -> Task:
