@@ -58,8 +58,12 @@ _CHILD_TIMEOUT_S = 3600
 
 
 def config_module(method: str) -> str:
-  """The config module of a method name (`lora` -> `configs.minilm_vader_lora`)."""
-  return method if '.' in method else f'configs.minilm_vader_{method}'
+  """The config module of a method name: `lora` -> `configs.minilm_vader_lora`, or, for a
+  method without a config file of its own, `configs.minilm_vader:NAME`."""
+  if '.' in method:
+    return method
+  own = ROOT / 'configs' / f'minilm_vader_{method}.py'
+  return f'configs.minilm_vader_{method}' if own.exists() else f'configs.minilm_vader:{method}'
 
 
 def lm_batch(task, batch_size: int, seed: int = 0) -> dict:

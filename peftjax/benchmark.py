@@ -36,13 +36,16 @@ def is_lm(model: str) -> bool:
 
 
 def load_config(module: str, model: str = 'minilm', variant: str = '', method: str = ''):
-  """`get_config()` of a config module with `variant`s (`VARIANTS` joined by '+') applied;
-  `model='tiny'` / `'tiny-llama'` swaps in a small random BERT / Llama; `method`, unless it
-  is the config's own, replaces the config's method by that one with its defaults."""
+  """`get_config()` (`get_config(ARG)` for `module:ARG`) of a config module with `variant`s
+  (`VARIANTS` joined by '+') applied; `model='tiny'` / `'tiny-llama'` swaps in a small random
+  BERT / Llama; `method`, unless it is the config's own, replaces the config's method by
+  that one with its defaults."""
   if model not in CLASSIFIERS + LANGUAGE_MODELS:
     raise ValueError(f'unknown --model {model!r}; expected one of '
                      f'{list(CLASSIFIERS + LANGUAGE_MODELS)}')
-  config = importlib.import_module(module).get_config()
+  module, _, arg = module.partition(':')
+  get_config = importlib.import_module(module).get_config
+  config = get_config(arg) if arg else get_config()
   if model == 'tiny':
     config.model = ml_collections.ConfigDict(TINY_BERT)
   elif model == 'tiny-llama':

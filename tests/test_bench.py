@@ -230,3 +230,12 @@ def test_lm_torch_twin_trains_what_the_config_trains(tmp_path):
   assert saved['ratios']['tokens_peftjax_to_torch']['lora'] == pytest.approx(
       1 / saved['ratios']['peftjax_to_torch']['lora'])
   assert re.search(r'peftjax ÷ torch tokens/s: lora [\d.]+×', proc.stdout)
+
+
+def test_a_method_without_its_own_config_file_takes_the_shared_one():
+  from experiments.bench import config_module
+  assert config_module('lora') == 'configs.minilm_vader_lora'
+  assert config_module('sara') == 'configs.minilm_vader:sara'
+  config = benchmark.load_config(config_module('sara'), 'tiny')
+  assert config.method.name == 'sara' and config.optimizer.lr == pytest.approx(1e-3 * 0.4966,
+                                                                               rel=1e-3)
