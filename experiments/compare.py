@@ -221,6 +221,7 @@ def composed(config, workdir, parts) -> dict:
 
 def recovered(config, workdir, rec: dict) -> dict:
   """The grafting row's binarised mask: its accuracy and its recovery of full FT's gain."""
+  import jax  # pylint: disable=g-import-not-at-top
   from peftjax import models  # pylint: disable=g-import-not-at-top
   from peftjax.io.adapter_file import load_adapter  # pylint: disable=g-import-not-at-top
   from peftjax.io.params_file import save_params  # pylint: disable=g-import-not-at-top
@@ -230,15 +231,22 @@ def recovered(config, workdir, rec: dict) -> dict:
   c = _run_config(workdir, run)
   base = models.build(c.model, c.seed).params
   adapter, frozen, state, _, _ = load_adapter(workdir / run / 'adapter', base)
-  params, used = binarized_graft(adapter, frozen, state)
-  path = save_params(workdir / run / 'binarized.safetensors', params)
-  with c.unlocked():
-    c.model.init = str(path)
-  acc = evaluate_adapter(c, None, head_from=workdir / run / 'adapter')['test']['accuracy']
+  _, start = adapter.init(jax.random.key(c.seed), base)  # γ at init: the base patch
+
+  def accuracy(state, name):
+    params, used = binarized_graft(adapter, frozen, state)
+    cc = c.copy_and_resolve_references()
+    with cc.unlocked():
+      cc.model.init = str(save_params(workdir / run / f'{name}.safetensors', params))
+    return evaluate_adapter(cc, None, head_from=workdir / run / 'adapter')['test']['accuracy'], used
+
+  acc, used = accuracy(state, 'binarized')
+  patch_acc, patch_used = accuracy(start, 'base_patch')
   full, probe = (json.loads((workdir / config.rows[rec[k]] / 'summary.json').read_text())
                  ['test_accuracy'] for k in ('full', 'probe'))
   return {'grafted_fraction': used, 'accuracy': acc, 'relaxed_accuracy':
           json.loads((workdir / run / 'summary.json').read_text())['test_accuracy'],
+          'base_patch_fraction': patch_used, 'base_patch_accuracy': patch_acc,
           'full_accuracy': full, 'probe_accuracy': probe,
           'recovery': (acc - probe) / (full - probe) if full != probe else None}
 
@@ -270,7 +278,9 @@ def markdown(out: dict) -> str:
     r = out['recovery']
     lines += ['', f"Grafting: the rounded mask (γ > 1/2) grafts {100 * r['grafted_fraction']:.3g}% "
               f"of the targeted entries; test acc {r['accuracy']:.4f} (relaxed mask "
-              f"{r['relaxed_accuracy']:.4f}) against the probe's {r['probe_accuracy']:.4f} and "
+              f"{r['relaxed_accuracy']:.4f}; the base patch it starts from, "
+              f"{100 * r['base_patch_fraction']:.3g}% of the entries: "
+              f"{r['base_patch_accuracy']:.4f}) against the probe's {r['probe_accuracy']:.4f} and "
               f"full fine-tuning's {r['full_accuracy']:.4f}: "
               + (f"it recovers {100 * r['recovery']:.1f}% of full fine-tuning's gain."
                  if r['recovery'] is not None else 'full fine-tuning gained nothing.')]

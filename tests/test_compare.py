@@ -78,7 +78,7 @@ def test_the_tiny_study_tabulates_every_row_composes_and_grafts(tmp_path):
     assert 0.0 <= part['composed'] <= 1.0
   rec = out['recovery']
   assert rec['full_accuracy'] == out['rows']['full']['test_accuracy']
-  assert 0.0 < rec['grafted_fraction'] <= 0.02
+  assert 0.0 < rec['grafted_fraction'] <= 0.02 and 0.0 < rec['base_patch_fraction'] <= 0.01
   table = (tmp_path / 'compare.md').read_text()
   assert all(f'| {label} |' in table for label in c.rows) and 'Composition' in table
   # A finished study only reports again.
