@@ -44,7 +44,8 @@ def sparse(rng, axis, k, dtype, inner=None):
 # dtype) -> leaf. A new type in `leaves.STRUCTURED` must be added here (see the test below).
 FACTORIES = {LowRank: low_rank, SparseDelta: lambda rng, rate, dtype: sparse(rng, None, 2, dtype)}
 KINDS = {
-    # single entries: 2 of 42 take the gather-scatter path, 9 form D (GATHER_BELOW = 16)
+    # single entries: 2 of 42 take the gather-scatter path; 9 too for one token, and form D
+    # for 10 tokens (`leaves.gathers`: tokens * k < 42)
     'entries': lambda rng, rate, dtype: sparse(rng, None, 2, dtype),
     'entries_dense': lambda rng, rate, dtype: sparse(rng, None, 9, dtype),
     'rows': lambda rng, rate, dtype: sparse(rng, 0, 3, dtype),

@@ -10,6 +10,7 @@ import pytest
 
 import peftjax as pj
 from peftjax.core import paths as P
+from peftjax.core import leaves
 from peftjax.core.leaves import SparseDelta
 from peftjax.io.params_file import save_params
 from peftjax.methods import sparse as S
@@ -77,15 +78,17 @@ def test_only_the_selected_entries_move_and_the_rest_stay_bit_identical(structur
 
 
 def test_the_sparse_step_forms_no_full_size_weight_gradient():
-  """Below `GATHER_BELOW` the entries' step contains no product of a kernel's shape."""
+  """While tokens * k < in * out (`leaves.gathers`), the entries' step contains no product
+  of a kernel's shape."""
   task = Majority()
   adapter = pj.sparse_ft('kernel', density=0.02, select='random')
   frozen, state = adapter.init(jax.random.key(0), task.model.params)
   tx = optax.adam(1e-3)
-  batch = jax.tree.map(jnp.asarray, next(task.batches('train', 16, seed=0)))
+  batch = jax.tree.map(jnp.asarray, next(task.batches('train', 3, seed=0)))  # 24 tokens
   jaxpr = jax.make_jaxpr(T.make_train_step(task, adapter, tx, seed=0))(
       T.init_state({'adapter': state, 'head': {}}, tx), frozen, batch)
   kernels = {tuple(P.flatten(frozen)[p].shape) for p in state}
+  assert all(leaves.gathers(24, P.flatten(frozen)[p]) for p in state)
   shapes = set(_dot_shapes(jaxpr.jaxpr))
   assert shapes and not kernels & shapes, sorted(shapes)
   # Above it, the delta is formed (one full-size weight) and the check sees it.
@@ -94,6 +97,12 @@ def test_the_sparse_step_forms_no_full_size_weight_gradient():
   jaxpr_d = jax.make_jaxpr(T.make_train_step(task, dense, tx, seed=0))(
       T.init_state({'adapter': state_d, 'head': {}}, tx), frozen_d, batch)
   assert kernels & set(_dot_shapes(jaxpr_d.jaxpr))
+  # So are a few entries for many tokens: 16 rows of 8 tokens.
+  batch16 = jax.tree.map(jnp.asarray, next(task.batches('train', 16, seed=0)))
+  assert not all(leaves.gathers(128, P.flatten(frozen)[p]) for p in state)
+  jaxpr_16 = jax.make_jaxpr(T.make_train_step(task, adapter, tx, seed=0))(
+      T.init_state({'adapter': state, 'head': {}}, tx), frozen, batch16)
+  assert kernels & set(_dot_shapes(jaxpr_16.jaxpr))
 
 
 def test_a_half_percent_selection_saves_under_one_percent_of_the_model(tmp_path):

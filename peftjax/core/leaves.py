@@ -70,8 +70,9 @@ class SparseDelta:
 
   `dense` computes `x @ w` plus the selected part only, so the gradient of `values` is all
   the weight gradient there is: (k, out) / (in, k) products for rows and columns; for single
-  entries a gather-scatter of O(tokens * k) while k < in * out / `GATHER_BELOW`, else the
-  delta is formed densely (one full-size weight and its gradient, as in full fine-tuning).
+  entries a gather-scatter of O(tokens * k) while tokens * k < in * out (`gathers`), else
+  the delta is formed densely (one full-size weight and its gradient, as in full
+  fine-tuning).
   """
 
   def __init__(self, w, index, values, axis: int | None = None):
@@ -117,8 +118,6 @@ class SparseDelta:
     return f'SparseDelta(w={_describe(self.w)}, {self.index.shape[0]} {what})'
 
 
-GATHER_BELOW = 16  # single entries: gather-scatter while k < in * out / GATHER_BELOW
-
 STRUCTURED = (LowRank, SparseDelta)
 
 
@@ -155,8 +154,19 @@ def _dense2d(x, kernel, rng):
     return y + _low_rank_path(h, kernel.a.astype(h.dtype), kernel.b.astype(h.dtype),
                               kernel.scale)
   if isinstance(kernel, SparseDelta):
+    if kernel.axis is None and not gathers(x.shape[0], kernel) and not is_structured(kernel.w):
+      return x @ (kernel.w + kernel.delta()).astype(x.dtype)  # one product, as full FT's
     return _dense2d(x, kernel.w, rng) + _sparse_path(x, kernel)
   return x @ kernel.astype(x.dtype)
+
+
+def gathers(tokens: int, kernel: 'SparseDelta') -> bool:
+  """Whether `tokens` rows through single entries take the gather-scatter path: while its
+  (tokens, k) products are fewer than the weight's entries. Above that, forming D densely
+  is cheaper (measured on MiniLM's 2,048-token batches: a 0.5% selection 1.3x and a 4% one
+  3.8x faster dense)."""
+  d_in, d_out = kernel.shape
+  return tokens * kernel.index.shape[0] < d_in * d_out
 
 
 def _sparse_path(x, kernel: SparseDelta):
@@ -167,7 +177,7 @@ def _sparse_path(x, kernel: SparseDelta):
     return jnp.take(x, index, axis=1) @ values
   if kernel.axis == 1:
     return jnp.zeros((n, d_out), x.dtype).at[:, index].set(x @ values)
-  if index.shape[0] * GATHER_BELOW >= d_in * d_out:
+  if not gathers(n, kernel):
     return x @ kernel.delta().astype(x.dtype)
   rows, cols = index // d_out, index % d_out
   return jnp.zeros((n, d_out), x.dtype).at[:, cols].add(jnp.take(x, rows, axis=1) * values)
