@@ -8,8 +8,12 @@ dropout 0.1 on every encoder kernel; the other methods on the same kernels with 
 optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
 (the head alone). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
 and its head as the starting head) at lr 0.05, so that Adam's steps of about lr can carry
-scores across the sigmoid bias (10) within the run; the head trains at that lr too. Every
-key the trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
+scores across the sigmoid bias (10) within the run; the head trains at that lr too. `ssf` on
+every encoder kernel and LayerNorm, `ia3` on keys, values and the FFN activations, `bitfit`
+and `ln_tuning` on every bias / LayerNorm, each at its official code's lr (SSF's VTAB scripts
+5e-3, t-few's (IA)³ 3e-3, BitFit's run_glue 1e-3; LN tuning the default 1e-3) and without
+weight decay, as their official optimisers leave these vectors undecayed. Every key the
+trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
 """
 import inspect
 
@@ -21,6 +25,12 @@ from peftjax.methods.sparse_low_rank import sara_lr
 TARGETS = ('encoder/.*/kernel',)
 # HFT takes full fine-tuning's settings; SaRA the official optimiser's default.
 LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2, 'sara': sara_lr()}
+LEARNING_RATES |= {'ssf': 5e-3, 'ia3': 3e-3, 'bitfit': 1e-3}
+NO_WEIGHT_DECAY = ('ssf', 'ia3', 'bitfit', 'ln_tuning')
+# The scale-and-shift methods on MiniLM's layout (BitFit and LN tuning: their defaults).
+SCALE_SHIFT = {'ssf': {'targets': ('encoder/.*/kernel', 'norm/scale$')},
+               'ia3': {'targets': ('attention/(key|value)/kernel$',),
+                       'feedforward': (r'layer_\d+/output/kernel$',)}}
 FULL_RUN_ADAPTER = 'runs/minilm_vader_full/adapter'  # what `graft` grafts
 MINILM_HEADS = 12
 
@@ -37,6 +47,8 @@ def method_config(name: str) -> dict:
     return {'name': name, 'num_heads': MINILM_HEADS}
   if name == 'graft':
     return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
+  if name in SCALE_SHIFT:
+    return {'name': name, **SCALE_SHIFT[name]}
   targets = inspect.signature(methods.REGISTRY[name]).parameters.get('targets')
   needs_targets = targets is not None and targets.default is inspect.Parameter.empty
   return {'name': name, **({'targets': TARGETS} if needs_targets else {})}
@@ -56,7 +68,8 @@ def get_config(method: str = 'lora'):
   # Training batches that data-initialised methods (CorDA, EVA, LoRA-GA, SPT) calibrate on.
   c.calibration = ml_collections.ConfigDict({'batches': 8})
   c.optimizer = ml_collections.ConfigDict({
-      'lr': LEARNING_RATES.get(method, 1e-3), 'weight_decay': 0.01, 'b1': 0.9, 'b2': 0.999,
+      'lr': LEARNING_RATES.get(method, 1e-3),
+      'weight_decay': 0.0 if method in NO_WEIGHT_DECAY else 0.01, 'b1': 0.9, 'b2': 0.999,
       'eps': 1e-8, 'schedule': 'constant',  # or 'cosine' (after warmup_steps, to 0)
       'warmup_steps': 0, 'clip_norm': 0.0})
   c.train = ml_collections.ConfigDict({

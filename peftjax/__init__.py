@@ -8,7 +8,7 @@ files; `dense` is the structured matmul for layers of your own.
 from peftjax.core.adapter import (Adapter, chain, combine, merge, num_params, partition,
                                   regularizer, summary, transform, unmerge)
 from peftjax.core.calib import Calibration
-from peftjax.core.leaves import LowRank, SparseDelta, dense, materialize
+from peftjax.core.leaves import LowRank, Scaled, SparseDelta, dense, materialize
 from peftjax.core.linen import apply, structured_layers
 from peftjax.core.paths import PatternError, flatten, select, unflatten
 from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head, save_adapter
@@ -16,6 +16,7 @@ from peftjax.methods import (REGISTRY, binarized_graft, corda, eva, from_config,
                              hft, loldu, lora, lora_ga, lora_pro, mask_tuning, milora, pissa,
                              probe, rslora, s2ft, sara, soka, soma, sorsa, sparse_ft, spt,
                              svfit)
+from peftjax.methods import bitfit, ia3, ln_tuning, ssf
 
 __version__ = '0.1.0'
 
@@ -27,4 +28,5 @@ __all__ = [
     'partition', 'pissa', 'probe', 'regularizer', 'rslora', 's2ft', 'sara', 'SparseDelta',
     'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'sparse_ft', 'spt',
     'structured_layers', 'summary', 'svfit', 'transform', 'unflatten', 'unmerge',
+    'bitfit', 'ia3', 'ln_tuning', 'Scaled', 'ssf',
 ]
