@@ -68,11 +68,11 @@ def _select(method: str, flat: dict, targets, *, norms: bool) -> list[str]:
   return chosen
 
 
-def _bias_of(method: str, flat: dict, path: str, *, required: bool):
-  """The bias beside the target `path`, checked to be (out,); None if absent and optional."""
+def _check_bias(method: str, flat: dict, path: str, *, required: bool):
+  """The bias beside the target `path` must be (out,) (and, if `required`, exist)."""
   bias, d = flat.get(_sibling(path, BIAS)), flat[path].shape[-1]
   if bias is None and not required:
-    return None
+    return
   if bias is None or tuple(bias.shape) != (d,):
     found = 'none' if bias is None else f'shape {tuple(bias.shape)}'
     raise ValueError(
@@ -80,7 +80,6 @@ def _bias_of(method: str, flat: dict, path: str, *, required: bool):
         + (' to hold the shift β, so that the merged tree stays a plain model' if required
            else ' (its output features)')
         + f'; found {found}: leave it out of the targets')
-  return bias
 
 
 def _rescaled(frozen, state):
@@ -148,7 +147,7 @@ def ssf(targets, *, init: str = 'identity') -> Adapter:
     state = {}
     for key, path in zip(jax.random.split(rng, max(len(chosen), 1)), chosen):
       w, d = flat[path], flat[path].shape[-1]
-      _bias_of('SSF', flat, path, required=True)
+      _check_bias('SSF', flat, path, required=True)
       if init == 'identity':
         scale, shift = jnp.ones((d,), w.dtype), jnp.zeros((d,), w.dtype)
       else:
@@ -199,7 +198,7 @@ def ia3(targets, feedforward=()) -> Adapter:
       raise ValueError(f'(IA)³: {both[:3]} selected by both targets (output scales) and '
                        'feedforward (input scales); each kernel takes one')
     for path in outputs:
-      _bias_of('(IA)³', flat, path, required=False)
+      _check_bias('(IA)³', flat, path, required=False)
     state = {p: {'scale': jnp.ones((flat[p].shape[1],), flat[p].dtype)} for p in outputs}
     state |= {p: {'input_scale': jnp.ones((flat[p].shape[0],), flat[p].dtype)} for p in inputs}
     return params, state
