@@ -49,9 +49,7 @@ def bitfit(targets=(BIASES,)) -> Adapter:
 def ln_tuning(targets=(NORMS,)) -> Adapter:
   """LayerNorm tuning: trains only the norms' scale and bias, as in "Tuning LayerNorm in
   Attention: Towards Efficient Multi-Modal LLM Finetuning" (Zhao et al., ICLR 2024,
-  arXiv:2312.11420; HF PEFT's `ln_tuning`) and, for BERT-like encoders, "Parameter-Efficient
-  Tuning on Layer Normalization for Pre-trained Language Models" (Qi et al., 2022,
-  arXiv:2211.08682).
+  arXiv:2312.11420; HF PEFT's `ln_tuning`).
 
   `full` over `targets`, by default the `scale` and `bias` of every module whose name contains
   `norm` (any case: the bundled models' `*norm`, Flax's `LayerNorm_0` / `RMSNorm_0`). A target
