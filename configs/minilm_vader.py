@@ -11,8 +11,12 @@ trainable count) after each sub-layer's output projection (Houlsby's placement, 
 with the residual). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter)
 at lr 0.05, so that Adam's steps of about lr can carry scores across the sigmoid bias (10)
 within the run, with that run's head frozen (`head_lr_scale` 0), as the paper measures a
-graft with the fine-tuned model's own head. Every
-key the trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
+graft with the fine-tuned model's own head. `ssf` on
+every encoder kernel and LayerNorm, `ia3` on keys, values and the FFN activations, `bitfit`
+and `ln_tuning` on every bias / LayerNorm, each at its official code's lr (SSF's VTAB scripts
+5e-3, t-few's (IA)³ 3e-3, BitFit's run_glue 1e-3; LN tuning the default 1e-3) and without
+weight decay, as their official optimisers leave these vectors undecayed. Every key the
+trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
 """
 import inspect
 
@@ -24,6 +28,12 @@ from peftjax.methods.sparse_low_rank import sara_lr
 TARGETS = ('encoder/.*/kernel',)
 # HFT takes full fine-tuning's settings; SaRA the official optimiser's default.
 LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2, 'sara': sara_lr()}
+LEARNING_RATES |= {'ssf': 5e-3, 'ia3': 3e-3, 'bitfit': 1e-3}
+NO_WEIGHT_DECAY = ('ssf', 'ia3', 'bitfit', 'ln_tuning')
+# The scale-and-shift methods on MiniLM's layout (BitFit and LN tuning: their defaults).
+SCALE_SHIFT = {'ssf': {'targets': ('encoder/.*/kernel', 'norm/scale$')},
+               'ia3': {'targets': ('attention/(key|value)/kernel$',),
+                       'feedforward': (r'layer_\d+/output/kernel$',)}}
 FULL_RUN_ADAPTER = 'runs/minilm_vader_full/adapter'  # what `graft` grafts
 MINILM_HEADS = 12
 # Modules (not params) that bottleneck adapters wrap: each sub-layer's output projection.
@@ -44,6 +54,8 @@ def method_config(name: str) -> dict:
     return {'name': name, 'targets': ADAPTER_TARGETS, 'size': 32}
   if name == 'graft':
     return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
+  if name in SCALE_SHIFT:
+    return {'name': name, **SCALE_SHIFT[name]}
   targets = inspect.signature(methods.REGISTRY[name]).parameters.get('targets')
   needs_targets = targets is not None and targets.default is inspect.Parameter.empty
   return {'name': name, **({'targets': TARGETS} if needs_targets else {})}
@@ -63,7 +75,8 @@ def get_config(method: str = 'lora'):
   # Training batches that data-initialised methods (CorDA, EVA, LoRA-GA, SPT) calibrate on.
   c.calibration = ml_collections.ConfigDict({'batches': 8})
   c.optimizer = ml_collections.ConfigDict({
-      'lr': LEARNING_RATES.get(method, 1e-3), 'weight_decay': 0.01, 'b1': 0.9, 'b2': 0.999,
+      'lr': LEARNING_RATES.get(method, 1e-3),
+      'weight_decay': 0.0 if method in NO_WEIGHT_DECAY else 0.01, 'b1': 0.9, 'b2': 0.999,
       'eps': 1e-8, 'schedule': 'constant',  # or 'cosine' (after warmup_steps, to 0)
       'warmup_steps': 0, 'clip_norm': 0.0,
       # the head's lr as a multiple of lr (0: the head stays frozen)

@@ -9,7 +9,7 @@ from peftjax.core.adapter import (Adapter, chain, combine, merge, num_params, pa
                                   regularizer, summary, transform, unmerge)
 from peftjax.core.adapter import NotMergeableError
 from peftjax.core.calib import Calibration
-from peftjax.core.leaves import LowRank, SparseDelta, dense, materialize
+from peftjax.core.leaves import LowRank, Scaled, SparseDelta, dense, materialize
 from peftjax.core.linen import apply, structured_layers
 from peftjax.core.paths import PatternError, flatten, select, unflatten
 from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head, save_adapter
@@ -18,6 +18,7 @@ from peftjax.methods import (REGISTRY, binarized_graft, corda, eva, from_config,
                              probe, rslora, s2ft, sara, soka, soma, sorsa, sparse_ft, spt,
                              svfit)
 from peftjax.methods import bottleneck_adapter, merge_mosa, mosa
+from peftjax.methods import bitfit, ia3, ln_tuning, ssf
 
 __version__ = '0.1.0'
 
@@ -30,4 +31,5 @@ __all__ = [
     'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'sparse_ft', 'spt',
     'structured_layers', 'summary', 'svfit', 'transform', 'unflatten', 'unmerge',
     'NotMergeableError', 'bottleneck_adapter', 'merge_mosa', 'mosa',
+    'bitfit', 'ia3', 'ln_tuning', 'Scaled', 'ssf',
 ]

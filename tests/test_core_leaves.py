@@ -16,7 +16,7 @@ import pytest
 
 from peftjax.core import leaves
 from peftjax.core.dropout import dropout
-from peftjax.core.leaves import LowRank, SparseDelta, dense, materialize
+from peftjax.core.leaves import LowRank, Scaled, SparseDelta, dense, materialize
 
 D_IN, D_OUT = 7, 6
 
@@ -40,9 +40,16 @@ def sparse(rng, axis, k, dtype, inner=None):
   return SparseDelta(w, index, normal(rng, *shape).astype(dtype), axis)
 
 
+def scaled(rng, axis, dtype, inner=None):
+  """A `Scaled` over a random w, its rows (axis 0) or columns (axis 1) times a random vector."""
+  w = normal(rng, D_IN, D_OUT).astype(dtype) if inner is None else inner
+  return Scaled(w, normal(rng, (D_IN, D_OUT)[axis]).astype(dtype), axis)
+
+
 # Every structured leaf type with a factory of a random instance: (numpy rng, dropout rate,
 # dtype) -> leaf. A new type in `leaves.STRUCTURED` must be added here (see the test below).
-FACTORIES = {LowRank: low_rank, SparseDelta: lambda rng, rate, dtype: sparse(rng, None, 2, dtype)}
+FACTORIES = {LowRank: low_rank, SparseDelta: lambda rng, rate, dtype: sparse(rng, None, 2, dtype),
+             Scaled: lambda rng, rate, dtype: scaled(rng, 1, dtype)}
 KINDS = {
     # single entries: 2 of 42 take the gather-scatter path; 9 too for one token, and form D
     # for 10 tokens (`leaves.gathers`: tokens * k < 42)
@@ -53,6 +60,13 @@ KINDS = {
     'sparse_over_lowrank': lambda rng, rate, dtype: sparse(rng, 0, 2, dtype,
                                                           inner=low_rank(rng, rate, dtype)),
     'lowrank': lambda rng, rate, dtype: low_rank(rng, rate, dtype),
+    'scaled_rows': lambda rng, rate, dtype: scaled(rng, 0, dtype),
+    'scaled_columns': lambda rng, rate, dtype: scaled(rng, 1, dtype),
+    # SSF / (IA)³ chained with LoRA, in either order.
+    'scaled_over_lowrank': lambda rng, rate, dtype: scaled(rng, 0, dtype,
+                                                          inner=low_rank(rng, rate, dtype)),
+    'lowrank_over_scaled': lambda rng, rate, dtype: low_rank(rng, rate, dtype,
+                                                            inner=scaled(rng, 1, dtype)),
     # `_dense2d` recurses into a structured `w`: the inner adapter has its own scale and mask.
     'nested': lambda rng, rate, dtype: low_rank(rng, rate, dtype, inner=LowRank(
         normal(rng, D_IN, D_OUT).astype(dtype), normal(rng, D_IN, 2).astype(dtype),
@@ -77,6 +91,11 @@ def reference(x, kernel, rng):
     return y + h @ kernel.a.astype(x.dtype) @ kernel.b.astype(x.dtype) * kernel.scale
   if isinstance(kernel, SparseDelta):
     return reference(x, kernel.w, rng) + x @ kernel.delta().astype(x.dtype)
+  if isinstance(kernel, Scaled):  # the scale on the input features (rows) or the outputs
+    scale = kernel.scale.astype(x.dtype)
+    if kernel.axis == 0:
+      return reference(x * scale, kernel.w, rng)
+    return reference(x, kernel.w, rng) * scale
   assert not leaves.is_structured(kernel), f'no reference for {type(kernel).__name__}'
   return x @ kernel.astype(x.dtype)
 
@@ -97,7 +116,8 @@ def vjp_all(f, x, kernel, g):
                  if d.dtype != jax.dtypes.float0]  # integer index arrays have no cotangent
 
 
-NO_DROPOUT = {'entries', 'entries_dense', 'rows', 'columns'}  # SparseDelta has none of its own
+# SparseDelta and Scaled have no dropout of their own
+NO_DROPOUT = {'entries', 'entries_dense', 'rows', 'columns', 'scaled_rows', 'scaled_columns'}
 
 
 @pytest.mark.parametrize('lead', [(), (2, 5)], ids=['1d', 'batched'])
@@ -161,3 +181,14 @@ def test_sparse_delta_holds_its_values_at_the_selected_entries_only(axis):
   np.testing.assert_array_equal(materialize(leaf), np.asarray(leaf.w) + want)
   with pytest.raises(ValueError, match='axis must be None'):
     SparseDelta(leaf.w, leaf.index, leaf.values, 2)
+
+
+@pytest.mark.parametrize('axis', [0, 1])
+def test_scaled_multiplies_the_rows_or_columns(axis):
+  rng = np.random.default_rng(8)
+  leaf = scaled(rng, axis, jnp.float32)
+  w, s = np.asarray(leaf.w), np.asarray(leaf.scale)
+  want = w * s[:, None] if axis == 0 else w * s[None, :]
+  np.testing.assert_allclose(materialize(leaf), want, rtol=1e-6)
+  with pytest.raises(ValueError, match='axis must be 0'):
+    Scaled(leaf.w, leaf.scale, 2)

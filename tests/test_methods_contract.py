@@ -69,6 +69,10 @@ CASES = {
     'adapter': lambda: pj.bottleneck_adapter(['^up$', '^down$'], size=5, placement='parallel',
                                              residual=False, activation='relu', scale=2.0),
     'mosa': lambda: pj.mosa('^up$', size=4, modules=4, active=2, seed=3, activation='tanh'),
+    'ssf': lambda: pj.ssf('kernel'),
+    'ia3': lambda: pj.ia3('up/kernel', feedforward='down/kernel'),
+    'bitfit': pj.bitfit,
+    'ln_tuning': lambda: pj.ln_tuning('bias'),  # the MLP has no norm: its biases stand in
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
@@ -257,8 +261,9 @@ def test_unmerge_inverts_merge_where_offered(name):
 def derived_spec(path, shape, spec, base_shape, mesh):
   """Each dimension of the weight's size there sharded like the weight's, any other (a rank)
   not; a sparse selection's entries (1-D index / values) split over the weight's mesh axes
-  that divide their count; leaves of another rank (singular values, scalars, Kronecker
-  factors) replicated."""
+  that divide their count; a vector over one of the weight's axes (SSF, (IA)³) like that
+  axis (the out axis where both fit); leaves of another rank (singular values, scalars,
+  Kronecker factors) replicated."""
   if len(shape) == 1 and path.rsplit('/', 1)[-1] in ('index', 'values'):
     axes, size = [], 1
     for a in (a for part in spec if part for a in ((part,) if isinstance(part, str) else part)):
@@ -266,6 +271,8 @@ def derived_spec(path, shape, spec, base_shape, mesh):
         axes.append(a)
         size *= mesh.shape[a]
     return Spec(tuple(axes) if len(axes) > 1 else axes[0] if axes else None)
+  if len(shape) == 1 and shape[0] in base_shape:  # a per-feature vector: that axis, out first
+    return Spec(spec[max(i for i, n in enumerate(base_shape) if n == shape[0])])
   if len(shape) != len(base_shape):
     return Spec()
   return Spec(*(s if n == m else None for s, n, m in zip(spec, shape, base_shape)))

@@ -173,10 +173,15 @@ def test_every_lora_family_method_and_full_train_a_step_on_smollm2(tmp_path):
   c.data.limit, c.optimizer.schedule = 4, 'constant'  # (warmup would start at lr 0)
   task = lm.Denoising.from_config(c, Model(module, params, 'smollm2-2', module.logical_axes))
   batch = next(task.batches('train', 2, seed=0))
-  names = [n for n in methods.REGISTRY if n != 'probe']  # no head here: probe trains nothing
+  # No head here: probe trains nothing. LLaMA has no biases: SSF's shifts have no place and
+  # BitFit nothing to train.
+  names = [n for n in methods.REGISTRY if n not in ('probe', 'ssf', 'bitfit')]
   for name in names:
     block = minilm_vader.method_config(name)
     block |= {'targets': ul2r_smollm2_lora.TARGETS} if 'targets' in block else {}
+    if name == 'ia3':  # keys, values and the gated FFN's product (the input of down_proj)
+      block |= {'targets': ('self_attn/(k|v)_proj/kernel$',),
+                'feedforward': ('mlp/down_proj/kernel$',)}
     if 'finetuned' in block:  # graft: a "fine-tuned" model, the base moved a little
       block['finetuned'] = str(save_params(tmp_path / 'finetuned.safetensors', jax.tree.map(
           lambda x: x + 0.01 * jnp.sign(x).astype(x.dtype), params)))

@@ -1,10 +1,11 @@
 """Structured leaves: small pytrees that stand in for a weight inside a param tree.
 
 `apply` may return a tree whose kernels are structured leaves instead of dense arrays:
-`LowRank` (w + a @ b * scale) or `SparseDelta` (w plus values at selected entries, rows or
-columns). `dense` computes `x @ leaf` from the parts, without forming the full weight, so the
-backward pass never builds a full-size weight gradient (`peftjax.core.linen` runs it inside
-any model's `flax.linen` layers). `materialize` turns any tree back into plain arrays.
+`LowRank` (w + a @ b * scale), `SparseDelta` (w plus values at selected entries, rows or
+columns) or `Scaled` (w with its rows or columns multiplied by a vector). `dense` computes
+`x @ leaf` from the parts, without forming the full weight, so the backward pass never builds
+a full-size weight gradient (`peftjax.core.linen` runs it inside any model's `flax.linen`
+layers). `materialize` turns any tree back into plain arrays.
 """
 from __future__ import annotations
 
@@ -118,7 +119,53 @@ class SparseDelta:
     return f'SparseDelta(w={_describe(self.w)}, {self.index.shape[0]} {what})'
 
 
-STRUCTURED = (LowRank, SparseDelta)
+@jax.tree_util.register_pytree_with_keys_class
+class Scaled:
+  """The weight `w` with its rows (`axis` 0: input features) or columns (`axis` 1: output
+  features) multiplied by the vector `scale` (SSF, (IA)³).
+
+  `dense` computes `(x * scale) @ w` or `(x @ w) * scale`: the gradient of `scale` is a
+  reduction over the tokens of a product the forward pass forms anyway, with no full-size
+  weight gradient (forming `w * scale` in the loss makes the backward pass compute one).
+  """
+
+  def __init__(self, w, scale, axis: int = 1):
+    if axis not in (0, 1):
+      raise ValueError(f'Scaled axis must be 0 (rows) or 1 (columns), got {axis!r}')
+    self.w, self.scale, self.axis = w, scale, axis
+
+  def tree_flatten(self):
+    return (self.w, self.scale), (self.axis,)
+
+  def tree_flatten_with_keys(self):  # key paths end in w / scale (sharding rules)
+    keys = map(jax.tree_util.GetAttrKey, ('w', 'scale'))
+    return tuple(zip(keys, (self.w, self.scale))), (self.axis,)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def shape(self):
+    return self.w.shape
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  @property
+  def ndim(self):
+    return len(self.w.shape)
+
+  def factor(self):
+    """`scale` shaped to multiply `w` (a column for rows, a row for columns)."""
+    return self.scale[:, None] if self.axis == 0 else self.scale[None, :]
+
+  def __repr__(self):
+    return f'Scaled(w={_describe(self.w)}, {("rows", "columns")[self.axis]})'
+
+
+STRUCTURED = (LowRank, SparseDelta, Scaled)
 
 
 def is_structured(x: Any) -> bool:
@@ -133,6 +180,8 @@ def materialize(tree):
 def _to_array(x):
   if isinstance(x, (LowRank, SparseDelta)):
     return _to_array(x.w) + x.delta().astype(x.dtype)
+  if isinstance(x, Scaled):
+    return _to_array(x.w) * x.factor().astype(x.dtype)
   return x
 
 
@@ -157,6 +206,11 @@ def _dense2d(x, kernel, rng):
     if kernel.axis is None and not gathers(x.shape[0], kernel) and not is_structured(kernel.w):
       return x @ (kernel.w + kernel.delta()).astype(x.dtype)  # one product, as full FT's
     return _dense2d(x, kernel.w, rng) + _sparse_path(x, kernel)
+  if isinstance(kernel, Scaled):
+    scale = kernel.scale.astype(x.dtype)
+    if kernel.axis == 0:
+      return _dense2d(x * scale, kernel.w, rng)
+    return _dense2d(x, kernel.w, rng) * scale
   return x @ kernel.astype(x.dtype)
 
 

@@ -2,7 +2,7 @@
 
 Within `structured_layers()`, a `nn.Dense`, `nn.DenseGeneral` (one contracted axis, one
 feature axis), `nn.Einsum` (a 2-D kernel with one contracted axis) or `nn.Embed` whose kernel
-(embedding) is a structured leaf (`LowRank`, `SparseDelta`) computes with `leaves.dense` (or
+(embedding) is a structured leaf (`leaves.STRUCTURED`) computes with `leaves.dense` (or
 a row gather), so a model written without peftjax runs an adapter's `apply` tree unchanged and never
 forms a full-size weight or weight gradient. The layer's `dtype` promotion and bias are kept;
 `precision` and custom `dot_general` settings do not apply to structured kernels. Adapter
@@ -163,6 +163,8 @@ def _transposed(kernel):
     flipped = (kernel.index % d_out) * d_in + kernel.index // d_out
     order = jnp.argsort(flipped)
     return leaves.SparseDelta(_transposed(kernel.w), flipped[order], kernel.values[order])
+  if isinstance(kernel, leaves.Scaled):
+    return leaves.Scaled(_transposed(kernel.w), kernel.scale, 1 - kernel.axis)
   return kernel.T
 
 
@@ -177,6 +179,9 @@ def _rows(table, ids):
     return _rows(table.w, ids) + (_rows(table.a, ids) @ table.b) * table.scale
   if isinstance(table, leaves.SparseDelta):
     return _rows(table.w, ids) + _sparse_rows(table, ids).astype(table.dtype)
+  if isinstance(table, leaves.Scaled):
+    scale = table.scale if table.axis == 1 else jnp.take(table.scale, ids)[..., None]
+    return _rows(table.w, ids) * scale.astype(table.dtype)
   return jnp.take(table, ids, axis=0)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from peftjax.core.adapter import Adapter, chain
 from peftjax.methods.adapters import bottleneck_adapter
 from peftjax.methods.data_init import corda, eva, lora_ga
-from peftjax.methods.full import full, probe
+from peftjax.methods.full import bitfit, full, ln_tuning, probe
 from peftjax.methods.grafting import binarized_graft, graft
 from peftjax.methods.hft import hft
 from peftjax.methods.lora import lora, rslora
@@ -12,6 +12,7 @@ from peftjax.methods.lora_pro import lora_pro
 from peftjax.methods.mask_tuning import mask_tuning
 from peftjax.methods.mosa import merge_mosa, mosa
 from peftjax.methods.s2ft import s2ft
+from peftjax.methods.scale_shift import ia3, ssf
 from peftjax.methods.sensitivity import spt
 from peftjax.methods.sparse import sparse_ft
 from peftjax.methods.sparse_low_rank import sara
@@ -26,6 +27,7 @@ REGISTRY |= {'sparse_ft': sparse_ft, 'spt': spt, 'hft': hft, 's2ft': s2ft,
              'sara': sara}
 REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 REGISTRY |= {'adapter': bottleneck_adapter, 'mosa': mosa}
+REGISTRY |= {'ssf': ssf, 'ia3': ia3, 'bitfit': bitfit, 'ln_tuning': ln_tuning}
 
 
 def from_config(config: dict) -> Adapter:

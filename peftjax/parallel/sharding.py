@@ -10,7 +10,8 @@ leaf, the optimiser's moments of either) takes that param's sharding:
 - a leaf of the param's rank, e.g. a low-rank factor (in x r, r x out) whatever its key: each
   dimension of the param's size there is sharded like the param's, the others (the rank)
   not (as qwix and MaxText shard LoRA);
-- a vector over the param's out (or in) axis, e.g. SSF scales: that axis's spec;
+- a vector over the param's out (or in) axis, e.g. SSF / (IA)³ scales and shifts or a
+  `Scaled` leaf's `scale`: that axis's spec (the out axis where both fit);
 - a sparse selection's entries (a 1-D `index` or `values` of a `SparseDelta` or of a sparse
   state, one element per selected entry): split over all the mesh axes that shard the param,
   where they divide the count, so each device holds a share of the entries and of their
