@@ -69,13 +69,18 @@ CASES = {
     'adapter': lambda: pj.bottleneck_adapter(['^up$', '^down$'], size=5, placement='parallel',
                                              residual=False, activation='relu', scale=2.0),
     'mosa': lambda: pj.mosa('^up$', size=4, modules=4, active=2, seed=3, activation='tanh'),
+    # The batch [16, 8] is one sequence of 16 tokens to a prompt.
+    'vpt': lambda: pj.vpt('^up$', length=2, fan_in=5, dropout=0.1),
+    'dvpt': lambda: pj.dvpt(['^up$', '^down$'], length=2, size=3),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
 NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft', 'spt', 'mask_tuning',
                   'graft', 'sara'}
 # Methods that insert modules around the model's calls: no merged tree, no unmerge.
-INSERTS_MODULES = {'adapter', 'mosa'}
+INSERTS_MODULES = {'adapter', 'mosa', 'vpt', 'dvpt'}
+# Prompts change only what mixes tokens; the MLP mixes none (tests/test_methods_prompts.py).
+TOKEN_PROMPTS = {'vpt', 'dvpt'}
 # Methods that re-base the frozen tree on a co-permutation of the weights (the same function):
 # this brings their merged tree back to the base's order.
 PERMUTING = {'s2ft': unpermute}
@@ -184,6 +189,9 @@ def test_merge_equals_the_structured_apply(name):
     with pytest.raises(pj.NotMergeableError, match=f"'{name}' inserts modules"):
       pj.merge(adapter, frozen, state)
     structured = forward(adapter.apply(frozen, state), batches[1])
+    if name in TOKEN_PROMPTS:
+      np.testing.assert_allclose(structured, forward(params, batches[1]), rtol=1e-6, atol=1e-6)
+      return
     assert float(jnp.abs(structured - forward(params, batches[1])).max()) > 1e-3
     return
   merged = pj.merge(adapter, frozen, state)
