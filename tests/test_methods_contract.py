@@ -159,6 +159,9 @@ def test_outputs_are_unchanged_at_init(name):
   adapter, frozen, state = initialised(name)
   params, batches, _ = model()
   base, out = forward(params, batches[0]), forward(adapter.apply(frozen, state), batches[0])
+  if name in TOKEN_PROMPTS:  # the same per-token values, computed among more rows
+    np.testing.assert_allclose(out, base, rtol=1e-6, atol=1e-6)
+    return
   if name in INSERTS_MODULES:
     np.testing.assert_array_equal(out, base)
     return
