@@ -8,7 +8,8 @@ dropout 0.1 on every encoder kernel; the other methods on the same kernels with 
 optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
 (the head alone). `adapter` and `mosa` insert bottleneck modules of width 32 (about LoRA's
 trainable count) after each sub-layer's output projection (Houlsby's placement, sequential
-with the residual). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter)
+with the residual). `vpt` and `dvpt` put 10 prompts before each layer (VPT-deep), extending
+its attention mask. `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter)
 at lr 0.05, so that Adam's steps of about lr can carry scores across the sigmoid bias (10)
 within the run, with that run's head frozen (`head_lr_scale` 0), as the paper measures a
 graft with the fine-tuned model's own head. `ssf` on
@@ -38,6 +39,8 @@ FULL_RUN_ADAPTER = 'runs/minilm_vader_full/adapter'  # what `graft` grafts
 MINILM_HEADS = 12
 # Modules (not params) that bottleneck adapters wrap: each sub-layer's output projection.
 ADAPTER_TARGETS = (r'attention/output$', r'layer_\d+/output$')
+# Blocks that prompts (`vpt`, `dvpt`) enter: every layer (VPT-deep).
+PROMPT_TARGETS = (r'encoder/layer_\d+$',)
 
 
 def method_config(name: str) -> dict:
@@ -56,6 +59,8 @@ def method_config(name: str) -> dict:
     return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
   if name in SCALE_SHIFT:
     return {'name': name, **SCALE_SHIFT[name]}
+  if name in ('vpt', 'dvpt'):  # deep prompts before each layer, which take the mask second
+    return {'name': name, 'targets': PROMPT_TARGETS, 'length': 10, 'mask': 1}
   targets = inspect.signature(methods.REGISTRY[name]).parameters.get('targets')
   needs_targets = targets is not None and targets.default is inspect.Parameter.empty
   return {'name': name, **({'targets': TARGETS} if needs_targets else {})}

@@ -19,6 +19,7 @@ from peftjax.methods import (REGISTRY, binarized_graft, corda, eva, from_config,
                              svfit)
 from peftjax.methods import bottleneck_adapter, merge_mosa, mosa
 from peftjax.methods import bitfit, ia3, ln_tuning, ssf
+from peftjax.methods import dvpt, vpt
 
 __version__ = '0.1.0'
 
@@ -32,4 +33,5 @@ __all__ = [
     'structured_layers', 'summary', 'svfit', 'transform', 'unflatten', 'unmerge',
     'NotMergeableError', 'bottleneck_adapter', 'merge_mosa', 'mosa',
     'bitfit', 'ia3', 'ln_tuning', 'Scaled', 'ssf',
+    'dvpt', 'vpt',
 ]

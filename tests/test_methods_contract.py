@@ -73,13 +73,18 @@ CASES = {
     'ia3': lambda: pj.ia3('up/kernel', feedforward='down/kernel'),
     'bitfit': pj.bitfit,
     'ln_tuning': lambda: pj.ln_tuning('bias'),  # the MLP has no norm: its biases stand in
+    # The batch [16, 8] is one sequence of 16 tokens to a prompt.
+    'vpt': lambda: pj.vpt('^up$', length=2, fan_in=5, dropout=0.1),
+    'dvpt': lambda: pj.dvpt(['^up$', '^down$'], length=2, size=3),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }
 NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft', 'spt', 'mask_tuning',
                   'graft', 'sara'}
 # Methods that insert modules around the model's calls: no merged tree, no unmerge.
-INSERTS_MODULES = {'adapter', 'mosa'}
+INSERTS_MODULES = {'adapter', 'mosa', 'vpt', 'dvpt'}
+# Prompts change only what mixes tokens; the MLP mixes none (tests/test_methods_prompts.py).
+TOKEN_PROMPTS = {'vpt', 'dvpt'}
 # Methods that re-base the frozen tree on a co-permutation of the weights (the same function):
 # this brings their merged tree back to the base's order.
 PERMUTING = {'s2ft': unpermute}
@@ -158,6 +163,9 @@ def test_outputs_are_unchanged_at_init(name):
   adapter, frozen, state = initialised(name)
   params, batches, _ = model()
   base, out = forward(params, batches[0]), forward(adapter.apply(frozen, state), batches[0])
+  if name in TOKEN_PROMPTS:  # the same per-token values, computed among more rows
+    np.testing.assert_allclose(out, base, rtol=1e-6, atol=1e-6)
+    return
   if name in INSERTS_MODULES:
     np.testing.assert_array_equal(out, base)
     return
@@ -188,6 +196,9 @@ def test_merge_equals_the_structured_apply(name):
     with pytest.raises(pj.NotMergeableError, match=f"'{name}' inserts modules"):
       pj.merge(adapter, frozen, state)
     structured = forward(adapter.apply(frozen, state), batches[1])
+    if name in TOKEN_PROMPTS:
+      np.testing.assert_allclose(structured, forward(params, batches[1]), rtol=1e-6, atol=1e-6)
+      return
     assert float(jnp.abs(structured - forward(params, batches[1])).max()) > 1e-3
     return
   merged = pj.merge(adapter, frozen, state)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from peftjax.core import paths as P
-from peftjax.core.bottleneck import Bottleneck
+from peftjax.core.bottleneck import Inserted
 from peftjax.core.leaves import SparseDelta, is_structured, materialize
 
 
@@ -82,7 +82,7 @@ def merge(adapter: Adapter, frozen, state):
 def inserted_modules(tree) -> list[str]:
   """The paths of the modules that `tree` inserts around its modules' calls."""
   return [P.SEP.join(p.split(P.SEP)[:-1]) for p, leaf in P.flatten(tree).items()
-          if isinstance(leaf, Bottleneck)]
+          if isinstance(leaf, Inserted)]
 
 
 def unmerge(adapter: Adapter, merged, state):

@@ -17,6 +17,12 @@ model's code or in a run without the interceptor. No tree of weights can hold su
 `pj.merge` refuses a tree holding one. `paths.flatten` keeps a `Bottleneck` whole (one leaf
 per module, as a structured leaf per weight), so later methods of a chain keep it intact; it
 has no array shape (`ndim` 0), so their selections of 2-D weights skip it.
+
+`Inserted` is the protocol of every such module (a `Bottleneck`, the prompts of
+`peftjax.methods.prompts`): `wrap(call, args, kwargs, draw, where)` returns what the host
+module's call returns with the module around it; `call(*args, **kwargs)` runs the host and
+`draw()` is the host's next 'dropout' rng (None outside training). A bottleneck adds to the
+call's output; prompts edit its input and output.
 """
 from __future__ import annotations
 
@@ -45,8 +51,19 @@ def check_options(placement: str, activation: str):
                      f'{sorted(ACTIVATIONS)}')
 
 
+class Inserted:
+  """A module that a param tree places among a host module's own params, around its calls.
+
+  Subclasses are registered pytrees (`paths.flatten` keeps one whole: no array shape).
+  """
+  ndim, shape = 0, ()
+
+  def wrap(self, call, args: tuple, kwargs: dict, draw=lambda: None, where: str = 'module'):
+    raise NotImplementedError
+
+
 @jax.tree_util.register_pytree_with_keys_class
-class Bottleneck:
+class Bottleneck(Inserted):
   """down (in, r), down_bias (r,), up (r, out), up_bias (out,) and how they wrap the call.
 
   `in` is the width of what the adapter reads: the module's output (sequential) or input
@@ -54,7 +71,6 @@ class Bottleneck:
   """
   children = ('down', 'down_bias', 'up', 'up_bias')
   stochastic = False  # whether a training call draws from the module's 'dropout' rng
-  ndim, shape = 0, ()
 
   def __init__(self, down, down_bias, up, up_bias, placement: str = 'sequential',
                residual: bool = True, scale: float = 1.0, activation: str = 'gelu'):
@@ -81,6 +97,10 @@ class Bottleneck:
     """`(down, down_bias, up, up_bias)` of one call; `rng` is its 'dropout' rng (training)."""
     del rng
     return self.down, self.down_bias, self.up, self.up_bias
+
+  def wrap(self, call, args, kwargs, draw=lambda: None, where: str = 'module'):
+    y = call(*args, **kwargs)
+    return self(args[0], y, draw() if self.stochastic else None, where)  # drawn after the host
 
   def __call__(self, x, y, rng=None, where: str = 'module'):
     """The output of the wrapped call: `y = f(x)` with the adapter added (module docstring)."""

@@ -12,12 +12,14 @@ Modules that compute structured kernels themselves (the bundled models' `Dense`)
 with a class attribute `handles_structured = True`; any other module that finds a structured
 leaf among its own params raises an error that names it.
 
-A module whose params hold a `bottleneck.Bottleneck` (under `bottleneck.KEY`) has its call
-wrapped by that adapter, whatever the module (`peftjax.core.bottleneck`).
+A module whose own params hold a `bottleneck.Inserted` (a `Bottleneck` under `bottleneck.KEY`,
+prompts) has its call wrapped by it, whatever the module (`peftjax.core.bottleneck`); several
+wrap it in the order of their keys, the first innermost.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import string
 
 import flax.linen as nn
@@ -46,12 +48,17 @@ def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   if context.method_name != '__call__' or module.scope is None or not args:
     return next_fun(*args, **kwargs)
-  inserted = module.variables.get('params', {}).get(bottleneck.KEY)
-  if isinstance(inserted, bottleneck.Bottleneck):  # a module around this call
-    y = _layer_call(next_fun, args, kwargs, module)
-    rng = _rng(module) if inserted.stochastic else None  # drawn after the module's own
-    return inserted(args[0], y, rng, where=P.SEP.join(map(str, module.scope.path)))
-  return _layer_call(next_fun, args, kwargs, module)
+  own = module.variables.get('params', {})
+  call = lambda *a, **k: _layer_call(next_fun, a, k, module)
+  for key in sorted(own):  # modules around this call
+    if isinstance(own[key], bottleneck.Inserted):
+      call = functools.partial(_inserted_call, own[key], call, module)
+  return call(*args, **kwargs)
+
+
+def _inserted_call(inserted, call, module, *args, **kwargs):
+  return inserted.wrap(call, args, kwargs, lambda: _rng(module),
+                       where=P.SEP.join(map(str, module.scope.path)))
 
 
 def _layer_call(next_fun, args, kwargs, module):

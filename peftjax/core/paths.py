@@ -7,7 +7,7 @@ from typing import Any, Iterable, Mapping
 
 import jax
 
-from peftjax.core.bottleneck import Bottleneck
+from peftjax.core.bottleneck import Inserted
 from peftjax.core.leaves import is_structured
 
 SEP = '/'
@@ -30,13 +30,13 @@ def path_str(key_path) -> str:
 
 def flatten(tree) -> dict[str, Any]:
   """`{'a/b/kernel': leaf}` for every leaf of `tree` (structured leaves and inserted modules,
-  `bottleneck.Bottleneck`, count as one leaf)."""
+  `bottleneck.Inserted` (a `Bottleneck`, prompts), count as one leaf)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
   return {path_str(kp): leaf for kp, leaf in flat}
 
 
 def _is_leaf(x) -> bool:
-  return is_structured(x) or isinstance(x, Bottleneck)
+  return is_structured(x) or isinstance(x, Inserted)
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:

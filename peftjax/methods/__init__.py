@@ -11,6 +11,7 @@ from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
 from peftjax.methods.mask_tuning import mask_tuning
 from peftjax.methods.mosa import merge_mosa, mosa
+from peftjax.methods.prompts import dvpt, vpt
 from peftjax.methods.s2ft import s2ft
 from peftjax.methods.scale_shift import ia3, ssf
 from peftjax.methods.sensitivity import spt
@@ -28,6 +29,7 @@ REGISTRY |= {'sparse_ft': sparse_ft, 'spt': spt, 'hft': hft, 's2ft': s2ft,
 REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 REGISTRY |= {'adapter': bottleneck_adapter, 'mosa': mosa}
 REGISTRY |= {'ssf': ssf, 'ia3': ia3, 'bitfit': bitfit, 'ln_tuning': ln_tuning}
+REGISTRY |= {'vpt': vpt, 'dvpt': dvpt}
 
 
 def from_config(config: dict) -> Adapter:
