@@ -13,13 +13,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import minilm_vader
 from peftjax import tasks
 from peftjax.core.adapter import num_params
 from peftjax.data import images
 from peftjax.io.adapter_file import AdapterFileError, load_adapter, load_head
-from peftjax.models import TINY_BERT, TINY_VIT, Model, build
+from peftjax.models import TINY_VIT, Model, build
 from peftjax.tasks import heads
+from peftjax.tasks.classification import SentenceClassification
 from peftjax.tasks.image_classification import ImageClassification
 from peftjax.train.loop import train
 from tests.test_tasks_image_classification import LEVELS, brightness_levels, tiny_config
@@ -153,18 +153,27 @@ class _PooledOnly(nn.Module):
     return nn.Dense(8)(x.reshape(x.shape[0], -1))
 
 
+class _Embedder(nn.Module):
+  """A stand-in encoder: token states are the tokens' embeddings (padding ones included)."""
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, *, train=False):
+    return nn.Embed(64, 16)(input_ids)
+
+
 def test_sentence_classification_attends_to_real_tokens_only():
-  c = minilm_vader.get_config('probe')
-  c.model = ml_collections.ConfigDict(TINY_BERT)
-  c.data.update({'limit': 8, 'max_length': 32})
-  c.head.update({'kind': 'attentive', 'queries': 4, 'value_reduction': 1})
-  task = tasks.build(c)
+  module = _Embedder()
+  ids = np.array([[5, 9, 3, 0, 0, 0], [4, 4, 8, 2, 6, 1]], np.int32)
+  mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], np.int32)
+  params = module.init(jax.random.key(0), ids, mask)['params']
+  task = SentenceClassification(Model(module, params, 'embedder'),
+                                {'train': ([], np.array([0, 2]))}, head=ATTENTIVE)
   head = task.init_head(jax.random.key(0))
+  assert head['value'].shape == (16, 8) and head['kernel'].shape == (8, 3)
   head['queries'] = jax.random.normal(jax.random.key(1), head['queries'].shape)
-  assert head['value'].shape == (32, 32)
-  batch = next(task.batches('train', 4))
-  longer, pad = dict(batch), 16
-  longer['input_ids'] = np.pad(batch['input_ids'], ((0, 0), (0, pad)), constant_values=7)
-  longer['attention_mask'] = np.pad(batch['attention_mask'], ((0, 0), (0, pad)))
-  np.testing.assert_allclose(task.logits(task.model.params, head, longer),
-                             task.logits(task.model.params, head, batch), atol=1e-5)
+  states = np.asarray(module.apply({'params': params}, ids, mask), np.float64)
+  want = reference_pool(np.asarray(head['queries'], np.float64),
+                        np.asarray(head['value'], np.float64), states, mask)
+  want = want @ np.asarray(head['kernel'], np.float64) + np.asarray(head['bias'])
+  got = task.logits(params, head, {'input_ids': ids, 'attention_mask': mask})
+  np.testing.assert_allclose(got, want, atol=1e-5)
