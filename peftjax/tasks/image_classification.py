@@ -16,8 +16,8 @@ import numpy as np
 
 from peftjax.data import images
 from peftjax.models import Model, build
-from peftjax.tasks.base import Task
 from peftjax.tasks import heads
+from peftjax.tasks.base import Task
 from peftjax.tasks.classification import cross_entropy, eval_counts
 
 
