@@ -89,8 +89,11 @@ def load_head(directory, like) -> dict:
   expected = {k: tuple(v.shape) for k, v in P.flatten(like).items()}
   got = {k: tuple(v.shape) for k, v in found.items()}
   if got != expected:
+    other_kind = (f' (a head of another kind: params {sorted(set(got) - set(expected))} only '
+                  f'in the file, {sorted(set(expected) - set(got))} only in this task\'s head; '
+                  'check head.kind)') if got and set(got) != set(expected) else ''
     raise AdapterFileError(f'the head saved in {directory} does not fit this task: expected '
-                           f'{expected}, found {got or "no head"}')
+                           f'{expected}, found {got or "no head"}{other_kind}')
   return P.unflatten({k: jnp.asarray(v) for k, v in found.items()})
 
 

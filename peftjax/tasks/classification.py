@@ -1,4 +1,5 @@
-"""Sentence classification: mean-pooled encoder states, a linear head, cross-entropy.
+"""Sentence classification: mean-pooled encoder states and a linear head (or an attentive
+head over the states, `head.kind='attentive'`, `peftjax.tasks.heads`), cross-entropy.
 
 The data are VADER's human-rated sentences (any of its four domains, `peftjax.data.vader`);
 the model is any encoder called as `module(input_ids, attention_mask, train=)` that returns
@@ -6,7 +7,6 @@ hidden states [B, L, H] (the bundled BERT / MiniLM by default). Metrics: loss an
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import jax
@@ -17,15 +17,9 @@ import optax
 from peftjax.data import vader
 from peftjax.models import Model, build
 from peftjax.models.bert import mean_pool
+from peftjax.tasks import heads
 from peftjax.tasks.base import Task
-
-
-def init_head(rng, width: int, num_classes: int):
-  """A linear head with torch's Linear init, U(-1/sqrt(width), 1/sqrt(width))."""
-  bound = 1.0 / math.sqrt(width)
-  k1, k2 = jax.random.split(rng)
-  return {'kernel': jax.random.uniform(k1, (width, num_classes), jnp.float32, -bound, bound),
-          'bias': jax.random.uniform(k2, (num_classes,), jnp.float32, -bound, bound)}
+from peftjax.tasks.heads import linear as init_head  # noqa: F401 (re-exported)
 
 
 def cross_entropy(logits, labels, weights):
@@ -52,11 +46,13 @@ class SentenceClassification(Task):
     bucket: padding granularity (one compiled shape per multiple).
     group_by_length: > 0 batches similar lengths together in groups of that many batches.
     num_classes: default: the largest training label + 1.
+    head: the head's kind and sizes (`heads.HeadSpec`; default: linear on mean-pooled states).
   """
 
   def __init__(self, model: Model, data: dict, *, max_length: int = 64, bucket: int = 16,
-               group_by_length: int = 0, num_classes: int | None = None):
-    self.model, self.data = model, data
+               group_by_length: int = 0, num_classes: int | None = None,
+               head: heads.HeadSpec = heads.HeadSpec()):
+    self.model, self.data, self.head_spec = model, data, head
     self.max_length, self.bucket, self.group_by_length = max_length, bucket, group_by_length
     self.num_classes = num_classes or int(data['train'][1].max()) + 1
 
@@ -76,7 +72,7 @@ class SentenceClassification(Task):
       n = d.limit or len(split)
       data[name] = (vader.encode(tokenizer, split.texts[:n], d.max_length), split.labels[:n])
     return cls(model, data, max_length=d.max_length, bucket=d.bucket,
-               group_by_length=d.group_by_length)
+               group_by_length=d.group_by_length, head=heads.spec(config))
 
   def num_batches(self, split, batch_size):
     return vader.num_batches(len(self.data[split][0]), batch_size)
@@ -101,12 +97,14 @@ class SentenceClassification(Task):
                           ids).shape[-1]
 
   def init_head(self, rng):
-    return init_head(rng, self.width, self.num_classes)
+    return heads.build(rng, self.head_spec, self.width, self.num_classes)
 
   def logits(self, params, head, batch, *, rng=None):
-    hidden = self.model.apply(params, batch['input_ids'], batch['attention_mask'],
-                              train=rng is not None, rng=rng)
-    return mean_pool(hidden, batch['attention_mask']) @ head['kernel'] + head['bias']
+    mask = batch['attention_mask']
+    hidden = self.model.apply(params, batch['input_ids'], mask, train=rng is not None, rng=rng)
+    pooled = (heads.attentive_pool(head, hidden, mask) if self.head_spec.attentive
+              else mean_pool(hidden, mask))
+    return pooled @ head['kernel'] + head['bias']
 
   def predictions(self, params, head, batch, *, rng=None):
     return self.logits(params, head, batch, rng=rng), batch['weights']
