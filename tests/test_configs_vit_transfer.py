@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import vit_transfer
@@ -16,7 +17,7 @@ from peftjax.tasks import heads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = ['full', 'linear_probe', 'attentive_probe', 'lora', 'adapter_seq', 'adapter_seq_nores',
-        'adapter_par', 'adapter_par_res', 'mosa']
+        'adapter_par', 'adapter_par_res', 'mosa', 'ssf', 'vpt_shallow', 'vpt_deep', 'dvpt']
 
 
 def test_every_method_runs_on_both_data_sets_from_the_pretrained_vit(tmp_path):
@@ -24,7 +25,7 @@ def test_every_method_runs_on_both_data_sets_from_the_pretrained_vit(tmp_path):
   assert list(c.rows) == [f'{d}: {r}' for d in ('mnist', 'digits') for r in ROWS]
   assert list(c.runs) == [f'{d}_{r}' for d in ('mnist', 'digits') for r in ROWS]
   compare.check_rows(c)
-  assert len(compare.jobs(c, tmp_path)) == 18
+  assert len(compare.jobs(c, tmp_path)) == 2 * len(ROWS)
   for name, run in c.runs.items():
     assert run.model.checkpoint == 'fashion_mnist' and run.task == 'image_classification'
     assert run.data.name == name.split('_')[0] and run.data.limit == 0
@@ -47,12 +48,16 @@ def test_every_method_runs_on_both_data_sets_from_the_pretrained_vit(tmp_path):
     methods.from_config({'method': method.pop('name'), **method})
 
 
-def test_a_slot_joins_when_its_method_is_registered(monkeypatch):
-  assert not any(name in vit_transfer.rows() for name in vit_transfer.SLOTS
-                 if name not in methods.REGISTRY)
-  monkeypatch.setitem(methods.REGISTRY, 'ssf', methods.REGISTRY['full'])
+def test_every_rows_method_finds_its_targets_in_the_vit():
+  import jax  # pylint: disable=g-import-not-at-top
+  from peftjax import models  # pylint: disable=g-import-not-at-top
+  from peftjax.models import TINY_VIT  # pylint: disable=g-import-not-at-top
+  params = models.build(ml_collections.ConfigDict({**TINY_VIT, 'remat': False, 'init': ''})).params
   c = vit_transfer.get_config()
-  assert 'mnist: ssf' in c.rows and c.runs.digits_ssf.method.name == 'ssf'
+  for row in vit_transfer.rows():
+    method = c.runs[f'mnist_{row}'].method.to_dict()
+    adapter = methods.from_config({'method': method.pop('name'), **method})
+    adapter.init(jax.random.key(0), params)  # a pattern that matches nothing raises
 
 
 def test_unknown_variant_is_a_clear_error():
