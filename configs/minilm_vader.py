@@ -8,7 +8,7 @@ dropout 0.1 on every encoder kernel; the other methods on the same kernels with 
 optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
 (the head alone). `adapter` and `mosa` insert bottleneck modules of width 32 (about LoRA's
 trainable count) after each sub-layer's output projection (Houlsby's placement, sequential
-with the residual). `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
+with the residual); `low_precision` trains that adapter quantised to 1 bit. `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter,
 and its head as the starting head) at lr 0.05, so that Adam's steps of about lr can carry
 scores across the sigmoid bias (10) within the run; the head trains at that lr too. Every
 key the trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
@@ -43,6 +43,9 @@ def method_config(name: str) -> dict:
     return {'name': name, 'targets': ADAPTER_TARGETS, 'size': 32}
   if name == 'graft':
     return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
+  if name == 'low_precision':  # the `adapter` method trained 1-bit (Bi-AdaptFormer's bits)
+    return {'name': name, 'bits': 1,
+            'adapter': {'method': 'adapter', 'targets': ADAPTER_TARGETS, 'size': 32}}
   targets = inspect.signature(methods.REGISTRY[name]).parameters.get('targets')
   needs_targets = targets is not None and targets.default is inspect.Parameter.empty
   return {'name': name, **({'targets': TARGETS} if needs_targets else {})}

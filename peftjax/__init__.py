@@ -18,6 +18,7 @@ from peftjax.methods import (REGISTRY, binarized_graft, corda, eva, from_config,
                              probe, rslora, s2ft, sara, soka, soma, sorsa, sparse_ft, spt,
                              svfit)
 from peftjax.methods import bottleneck_adapter, merge_mosa, mosa
+from peftjax.methods import low_precision
 
 __version__ = '0.1.0'
 
@@ -30,4 +31,5 @@ __all__ = [
     'save_adapter', 'select', 'soka', 'soma', 'sorsa', 'sparse_ft', 'spt',
     'structured_layers', 'summary', 'svfit', 'transform', 'unflatten', 'unmerge',
     'NotMergeableError', 'bottleneck_adapter', 'merge_mosa', 'mosa',
+    'low_precision',
 ]

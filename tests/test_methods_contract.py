@@ -69,6 +69,9 @@ CASES = {
     'adapter': lambda: pj.bottleneck_adapter(['^up$', '^down$'], size=5, placement='parallel',
                                              residual=False, activation='relu', scale=2.0),
     'mosa': lambda: pj.mosa('^up$', size=4, modules=4, active=2, seed=3, activation='tanh'),
+    # init_scale=0 keeps LoRA's zero B (the official small random start changes outputs).
+    'low_precision': lambda: pj.low_precision(pj.lora('kernel', rank=2, alpha=4.0), bits=2,
+                                              init_scale=0.0),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }

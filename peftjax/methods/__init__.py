@@ -9,6 +9,7 @@ from peftjax.methods.grafting import binarized_graft, graft
 from peftjax.methods.hft import hft
 from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
+from peftjax.methods.low_precision import low_precision
 from peftjax.methods.mask_tuning import mask_tuning
 from peftjax.methods.mosa import merge_mosa, mosa
 from peftjax.methods.s2ft import s2ft
@@ -26,6 +27,7 @@ REGISTRY |= {'sparse_ft': sparse_ft, 'spt': spt, 'hft': hft, 's2ft': s2ft,
              'sara': sara}
 REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 REGISTRY |= {'adapter': bottleneck_adapter, 'mosa': mosa}
+REGISTRY |= {'low_precision': low_precision}
 
 
 def from_config(config: dict) -> Adapter:
