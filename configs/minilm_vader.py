@@ -8,15 +8,16 @@ dropout 0.1 on every encoder kernel; the other methods on the same kernels with 
 optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
 (the head alone). `adapter` and `mosa` insert bottleneck modules of width 32 (about LoRA's
 trainable count) after each sub-layer's output projection (Houlsby's placement, sequential
-with the residual). `vpt` and `dvpt` put 10 prompts before each layer (VPT-deep), extending
-its attention mask. `graft` grafts the `full` run in `runs/minilm_vader_full` (its adapter)
-at lr 0.05, so that Adam's steps of about lr can carry scores across the sigmoid bias (10)
-within the run, with that run's head frozen (`head_lr_scale` 0), as the paper measures a
-graft with the fine-tuned model's own head. `ssf` on
-every encoder kernel and LayerNorm, `ia3` on keys, values and the FFN activations, `bitfit`
-and `ln_tuning` on every bias / LayerNorm, each at its official code's lr (SSF's VTAB scripts
-5e-3, t-few's (IA)³ 3e-3, BitFit's run_glue 1e-3; LN tuning the default 1e-3) and without
-weight decay, as their official optimisers leave these vectors undecayed. Every key the
+with the residual); `low_precision` trains that adapter quantised to 1 bit. `vpt` and `dvpt`
+put 10 prompts before each layer (VPT-deep), extending its attention mask. `graft` grafts the
+`full` run in `runs/minilm_vader_full` (its adapter) at lr 0.05, so that Adam's steps of
+about lr can carry scores across the sigmoid bias (10) within the run, with that run's head
+frozen (`head_lr_scale` 0), as the paper measures a graft with the fine-tuned model's own
+head. `ssf` on every encoder kernel and LayerNorm, `ia3` on keys, values and the FFN
+activations, `bitfit` and `ln_tuning` on every bias / LayerNorm, each at its official code's
+lr (SSF's VTAB scripts 5e-3, t-few's (IA)³ 3e-3, BitFit's run_glue 1e-3; LN tuning the
+default 1e-3) and without weight decay, as their official optimisers leave these vectors
+undecayed. Every key the
 trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
 """
 import inspect
@@ -61,6 +62,9 @@ def method_config(name: str) -> dict:
     return {'name': name, **SCALE_SHIFT[name]}
   if name in ('vpt', 'dvpt'):  # deep prompts before each layer, which take the mask second
     return {'name': name, 'targets': PROMPT_TARGETS, 'length': 10, 'mask': 1}
+  if name == 'low_precision':  # the `adapter` method trained 1-bit (Bi-AdaptFormer's bits)
+    return {'name': name, 'bits': 1,
+            'adapter': {'method': 'adapter', 'targets': ADAPTER_TARGETS, 'size': 32}}
   targets = inspect.signature(methods.REGISTRY[name]).parameters.get('targets')
   needs_targets = targets is not None and targets.default is inspect.Parameter.empty
   return {'name': name, **({'targets': TARGETS} if needs_targets else {})}

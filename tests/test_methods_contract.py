@@ -76,6 +76,9 @@ CASES = {
     # The batch [16, 8] is one sequence of 16 tokens to a prompt.
     'vpt': lambda: pj.vpt('^up$', length=2, fan_in=5, dropout=0.1),
     'dvpt': lambda: pj.dvpt(['^up$', '^down$'], length=2, size=3),
+    # init_scale=0 keeps LoRA's zero B (the official small random start changes outputs).
+    'low_precision': lambda: pj.low_precision(pj.lora('kernel', rank=2, alpha=4.0), bits=2,
+                                              init_scale=0.0),
     'chain': lambda: pj.chain(pj.pissa('up/kernel', rank=2, alpha=4.0),
                               pj.lora('kernel', rank=2, alpha=3.0)),
 }

@@ -9,6 +9,7 @@ from peftjax.methods.grafting import binarized_graft, graft
 from peftjax.methods.hft import hft
 from peftjax.methods.lora import lora, rslora
 from peftjax.methods.lora_pro import lora_pro
+from peftjax.methods.low_precision import low_precision
 from peftjax.methods.mask_tuning import mask_tuning
 from peftjax.methods.mosa import merge_mosa, mosa
 from peftjax.methods.prompts import dvpt, vpt
@@ -30,6 +31,7 @@ REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 REGISTRY |= {'adapter': bottleneck_adapter, 'mosa': mosa}
 REGISTRY |= {'ssf': ssf, 'ia3': ia3, 'bitfit': bitfit, 'ln_tuning': ln_tuning}
 REGISTRY |= {'vpt': vpt, 'dvpt': dvpt}
+REGISTRY |= {'low_precision': low_precision}
 
 
 def from_config(config: dict) -> Adapter:

@@ -22,7 +22,7 @@ forward pass of the unmasked model and a second forward and backward pass per st
 twice a step without it; gradient_dropout_lambda=0 switches it off). An optional
 `reg` adds reg * sum over targets of ||s||_2 to the loss (the official `MASK_LOSS`).
 
-Adapter files hold the binary masks bit-packed (`np.packbits`, one bit per entry), not the
+Adapter files hold the binary masks bit-packed (`peftjax.io.bits`, one bit per entry), not the
 scores: loading gives scores `scale` where the mask is on and `2 * threshold - scale` where
 it is off (as far below the threshold as `scale` is above).
 """
@@ -37,6 +37,7 @@ import numpy as np
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter, Codec, Guide
 from peftjax.core.leaves import materialize
+from peftjax.io import bits
 from peftjax.methods.common import target_list
 
 EPS = 1e-8
@@ -146,13 +147,13 @@ def mask_tuning(targets, *, scale: float = 1e-2, threshold: float = 5e-3,
                 'masked': int(jnp.sum(s <= threshold))} for p, s in state.items()}
 
   def encode(state):
-    return {p: np.packbits(np.asarray(s > threshold).ravel()) for p, s in state.items()}
+    return {p: bits.pack(np.asarray(s > threshold), 1) for p, s in state.items()}
 
   def decode(stored, template):
     out = {}
     for p, t in template.items():
-      bits = np.unpackbits(np.asarray(stored[p]), count=t.size).reshape(t.shape)
-      out[p] = jnp.asarray(np.where(bits, scale, off), t.dtype)
+      on = bits.unpack(stored[p], 1, t.size).reshape(t.shape)
+      out[p] = jnp.asarray(np.where(on, scale, off), t.dtype)
     return out
 
   def combine(key, grads, guide_grads):
