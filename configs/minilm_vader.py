@@ -17,8 +17,8 @@ head. `ssf` on every encoder kernel and LayerNorm, `ia3` on keys, values and the
 activations, `bitfit` and `ln_tuning` on every bias / LayerNorm, each at its official code's
 lr (SSF's VTAB scripts 5e-3, t-few's (IA)³ 3e-3, BitFit's run_glue 1e-3; LN tuning the
 default 1e-3) and without weight decay, as their official optimisers leave these vectors
-undecayed. Every key the
-trainer reads is here, with its default; `--config.KEY=VALUE` changes one.
+undecayed. Every key the trainer reads is here, with its default; `--config.KEY=VALUE`
+changes one.
 """
 import inspect
 
