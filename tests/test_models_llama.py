@@ -162,5 +162,5 @@ def test_build(monkeypatch):
   monkeypatch.setattr(smollm2, 'load_smollm2', lambda: (TINY, ref.random_params(TINY, 0)))
   model = build(ml_collections.ConfigDict({'name': 'smollm2'}))
   assert model.model_id == smollm2.MODEL_ID == 'HuggingFaceTB/SmolLM2-135M-Instruct'
-  with pytest.raises(ValueError, match="expected 'minilm', 'bert', 'smollm2', 'llama' or 't5'"):
+  with pytest.raises(ValueError, match="expected 'minilm', 'bert', 'smollm2', 'llama', 't5' or 'vit'"):
     build(ml_collections.ConfigDict({'name': 'gpt'}))
