@@ -270,6 +270,7 @@ def test_config_round_trip_of_a_chain_inside():
   np.testing.assert_array_equal(merged['d']['bias'], s1[1]['d/bias'])
 
 
+@pytest.mark.long
 def test_trainer_runs_and_measures_bits(tmp_path):
   from experiments.evaluate import bits_table, evaluate_bits
   from peftjax.train.loop import evaluate_adapter, train
