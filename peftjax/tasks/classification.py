@@ -36,7 +36,22 @@ def eval_counts(logits, labels, weights):
           'count': jnp.sum(weights)}
 
 
-class SentenceClassification(Task):
+class Classification(Task):
+  """A task whose `logits(params, head, batch, rng=)` score classes: cross-entropy loss,
+  loss and accuracy sums for evaluation, over the batch's `labels` and `weights`."""
+
+  def predictions(self, params, head, batch, *, rng=None):
+    return self.logits(params, head, batch, rng=rng), batch['weights']
+
+  def loss(self, params, head, batch, *, rng=None):
+    return cross_entropy(self.logits(params, head, batch, rng=rng), batch['labels'],
+                         batch['weights'])
+
+  def eval_sums(self, params, head, batch):
+    return eval_counts(self.logits(params, head, batch), batch['labels'], batch['weights'])
+
+
+class SentenceClassification(Classification):
   """Classify token sequences with a linear head on the model's mean-pooled states.
 
   Args:
@@ -106,15 +121,6 @@ class SentenceClassification(Task):
               else mean_pool(hidden, mask))
     return pooled @ head['kernel'] + head['bias']
 
-  def predictions(self, params, head, batch, *, rng=None):
-    return self.logits(params, head, batch, rng=rng), batch['weights']
-
-  def loss(self, params, head, batch, *, rng=None):
-    return cross_entropy(self.logits(params, head, batch, rng=rng), batch['labels'],
-                         batch['weights'])
-
-  def eval_sums(self, params, head, batch):
-    return eval_counts(self.logits(params, head, batch), batch['labels'], batch['weights'])
 
   def calibration_mask(self, batch):
     return batch['attention_mask'] * batch['weights'][:, None]

@@ -17,11 +17,10 @@ import numpy as np
 from peftjax.data import images
 from peftjax.models import Model, build
 from peftjax.tasks import heads
-from peftjax.tasks.base import Task
-from peftjax.tasks.classification import cross_entropy, eval_counts
+from peftjax.tasks.classification import Classification
 
 
-class ImageClassification(Task):
+class ImageClassification(Classification):
   """Classify images with a linear head on the model's features.
 
   Args:
@@ -93,12 +92,3 @@ class ImageClassification(Task):
     features = heads.attentive_pool(head, out) if self.head_spec.attentive else out
     return features @ head['kernel'] + head['bias']
 
-  def predictions(self, params, head, batch, *, rng=None):
-    return self.logits(params, head, batch, rng=rng), batch['weights']
-
-  def loss(self, params, head, batch, *, rng=None):
-    return cross_entropy(self.logits(params, head, batch, rng=rng), batch['labels'],
-                         batch['weights'])
-
-  def eval_sums(self, params, head, batch):
-    return eval_counts(self.logits(params, head, batch), batch['labels'], batch['weights'])
