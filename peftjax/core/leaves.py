@@ -18,23 +18,9 @@ import jax.numpy as jnp
 from peftjax.core.dropout import dropout
 
 
-@jax.tree_util.register_pytree_with_keys_class
-class LowRank:
-  """The weight `w + (a @ b) * scale`; `dropout` is applied to the input of the `a @ b` path.
-
-  `w` is (in, out) or another leaf, `a` is (in, r), `b` is (r, out).
-  """
-
-  def __init__(self, w, a, b, scale: float, dropout: float = 0.0):
-    self.w, self.a, self.b = w, a, b
-    self.scale, self.dropout = float(scale), float(dropout)
-
-  def tree_flatten(self):
-    return (self.w, self.a, self.b), (self.scale, self.dropout)
-
-  def tree_flatten_with_keys(self):  # key paths end in w / a / b (used by sharding rules)
-    keys = map(jax.tree_util.GetAttrKey, ('w', 'a', 'b'))
-    return tuple(zip(keys, (self.w, self.a, self.b))), (self.scale, self.dropout)
+class _OnWeight:
+  """What every structured leaf shares: the weight `w`'s shape, dtype and rank, and
+  unflattening from (children, aux) in constructor order."""
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -52,6 +38,25 @@ class LowRank:
   def ndim(self):
     return len(self.w.shape)
 
+
+@jax.tree_util.register_pytree_with_keys_class
+class LowRank(_OnWeight):
+  """The weight `w + (a @ b) * scale`; `dropout` is applied to the input of the `a @ b` path.
+
+  `w` is (in, out) or another leaf, `a` is (in, r), `b` is (r, out).
+  """
+
+  def __init__(self, w, a, b, scale: float, dropout: float = 0.0):
+    self.w, self.a, self.b = w, a, b
+    self.scale, self.dropout = float(scale), float(dropout)
+
+  def tree_flatten(self):
+    return (self.w, self.a, self.b), (self.scale, self.dropout)
+
+  def tree_flatten_with_keys(self):  # key paths end in w / a / b (used by sharding rules)
+    keys = map(jax.tree_util.GetAttrKey, ('w', 'a', 'b'))
+    return tuple(zip(keys, (self.w, self.a, self.b))), (self.scale, self.dropout)
+
   def delta(self):
     return (self.a @ self.b) * jnp.asarray(self.scale, self.a.dtype)
 
@@ -61,7 +66,7 @@ class LowRank:
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class SparseDelta:
+class SparseDelta(_OnWeight):
   """The weight `w + D`, where D is zero except at the entries `index` selects, which hold
   `values`. `axis` says what the sorted, unique `index` selects in the (in, out) weight:
 
@@ -89,22 +94,6 @@ class SparseDelta:
     keys = map(jax.tree_util.GetAttrKey, ('w', 'index', 'values'))
     return tuple(zip(keys, (self.w, self.index, self.values))), (self.axis,)
 
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
-
-  @property
-  def shape(self):
-    return self.w.shape
-
-  @property
-  def dtype(self):
-    return self.w.dtype
-
-  @property
-  def ndim(self):
-    return len(self.w.shape)
-
   def delta(self):
     """D as a dense array of `w`'s shape."""
     zeros = jnp.zeros(self.shape, self.values.dtype)
@@ -120,7 +109,7 @@ class SparseDelta:
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class Scaled:
+class Scaled(_OnWeight):
   """The weight `w` with its rows (`axis` 0: input features) or columns (`axis` 1: output
   features) multiplied by the vector `scale` (SSF, (IA)³).
 
@@ -140,22 +129,6 @@ class Scaled:
   def tree_flatten_with_keys(self):  # key paths end in w / scale (sharding rules)
     keys = map(jax.tree_util.GetAttrKey, ('w', 'scale'))
     return tuple(zip(keys, (self.w, self.scale))), (self.axis,)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
-
-  @property
-  def shape(self):
-    return self.w.shape
-
-  @property
-  def dtype(self):
-    return self.w.dtype
-
-  @property
-  def ndim(self):
-    return len(self.w.shape)
 
   def factor(self):
     """`scale` shaped to multiply `w` (a column for rows, a row for columns)."""
