@@ -174,11 +174,17 @@ def test_every_lora_family_method_and_full_train_a_step_on_smollm2(tmp_path):
   task = lm.Denoising.from_config(c, Model(module, params, 'smollm2-2', module.logical_axes))
   batch = next(task.batches('train', 2, seed=0))
   # No head here: probe trains nothing. LLaMA has no biases: SSF's shifts have no place and
-  # BitFit nothing to train.
-  names = [n for n in methods.REGISTRY if n not in ('probe', 'ssf', 'bitfit')]
+  # BitFit nothing to train. Prompts need blocks whose per-token argument is a padding mask
+  # [..., L]; the decoder layer takes an [L, L] mask and positions.
+  names = [n for n in methods.REGISTRY if n not in ('probe', 'ssf', 'bitfit', 'vpt', 'dvpt')]
+  modules = ('self_attn/o_proj$', 'mlp/down_proj$')  # bottleneck adapters go around these
   for name in names:
     block = minilm_vader.method_config(name)
     block |= {'targets': ul2r_smollm2_lora.TARGETS} if 'targets' in block else {}
+    if name in ('adapter', 'mosa'):
+      block['targets'] = modules
+    if name == 'low_precision':
+      block['adapter']['targets'] = modules
     if name == 'ia3':  # keys, values and the gated FFN's product (the input of down_proj)
       block |= {'targets': ('self_attn/(k|v)_proj/kernel$',),
                 'feedforward': ('mlp/down_proj/kernel$',)}
