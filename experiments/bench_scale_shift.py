@@ -8,7 +8,8 @@ the layers compute as `(x @ W) * γ`; `dense`: the same tree materialised inside
 (`W * γ` formed, so the backward pass computes a full-size gradient of it per kernel). Both
 are jitted gradient + Adam steps; rounds interleave them. The forward rows compare the merged
 SSF tree (a plain BERT tree) with the base weights, for the claim that merging costs nothing
-at inference. Reports the median step time of each over rounds.
+at inference, and show the unmerged tree (`Scaled` leaves: one more product per kernel) for
+what merging saves. Reports the median step time of each over rounds.
 """
 from __future__ import annotations
 
@@ -67,13 +68,15 @@ def main():
       return optax.apply_updates(state, updates), opt
     return step
 
-  forward = jax.jit(lambda p: module.apply({'params': p}, ids, mask))
+  forward = jax.jit(lambda p: pj.apply(module, p, ids, mask))
   merged = pj.merge(adapter, frozen, state)
   runs = {'train step, structured (Scaled leaves)': (step_fn(lambda p: p), (state, tx.init(state))),
           'train step, dense (W * γ in the loss)': (step_fn(pj.materialize),
                                                     (state, tx.init(state))),
           'forward, base weights': (forward, (params,)),
-          'forward, merged SSF weights': (forward, (merged,))}
+          'forward, merged SSF weights': (forward, (merged,)),
+          'forward, unmerged SSF (Scaled leaves)': (jax.jit(
+              lambda s: pj.apply(module, adapter.apply(frozen, s), ids, mask)), (state,))}
   times = {name: [] for name in runs}
   for _ in range(args.rounds):
     for name, (fn, fn_args) in runs.items():
@@ -86,8 +89,10 @@ def main():
     print(f'{name:<42} {1000 * t:8.1f} ms')
   dense, structured = (medians['train step, dense (W * γ in the loss)'],
                        medians['train step, structured (Scaled leaves)'])
-  print(f'structured / dense step time: {structured / dense:.2f}; merged / base forward: '
-        f'{medians["forward, merged SSF weights"] / medians["forward, base weights"]:.2f}')
+  base = medians['forward, base weights']
+  print(f'structured / dense step time: {structured / dense:.2f}; forward / base forward: '
+        f'merged {medians["forward, merged SSF weights"] / base:.3f}, unmerged '
+        f'{medians["forward, unmerged SSF (Scaled leaves)"] / base:.3f}')
 
 
 if __name__ == '__main__':
