@@ -31,6 +31,10 @@ TARGETS = ('encoder/.*/kernel',)
 # HFT takes full fine-tuning's settings; SaRA the official optimiser's default.
 LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2, 'sara': sara_lr()}
 LEARNING_RATES |= {'ssf': 5e-3, 'ia3': 3e-3, 'bitfit': 1e-3}
+# R-AMT's official Adam lr for its masks (8e-5, cosine); the new head learns at the usual 1e-3.
+LEARNING_RATES |= {'mask_tuning': 8e-5}
+SCHEDULES = {'mask_tuning': 'cosine'}
+HEAD_LEARNING_RATES = {'graft': 0.0, 'mask_tuning': 1e-3}  # default: the method's lr
 NO_WEIGHT_DECAY = ('ssf', 'ia3', 'bitfit', 'ln_tuning')
 # The scale-and-shift methods on MiniLM's layout (BitFit and LN tuning: their defaults).
 SCALE_SHIFT = {'ssf': {'targets': ('encoder/.*/kernel', 'norm/scale$')},
@@ -58,6 +62,9 @@ def method_config(name: str) -> dict:
     return {'name': name, 'targets': ADAPTER_TARGETS, 'size': 32}
   if name == 'graft':
     return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
+  if name == 'mask_tuning':  # the official settings: attention only (MASK_MLP False), MASK_LOSS
+    return {'name': name, 'targets': (r'attention/(query|key|value|output)/kernel$',),
+            'reg': 1e-4}
   if name in SCALE_SHIFT:
     return {'name': name, **SCALE_SHIFT[name]}
   if name in ('vpt', 'dvpt'):  # deep prompts before each layer, which take the mask second
@@ -83,13 +90,14 @@ def get_config(method: str = 'lora'):
   c.head = ml_collections.ConfigDict({'init': FULL_RUN_ADAPTER if method == 'graft' else ''})
   # Training batches that data-initialised methods (CorDA, EVA, LoRA-GA, SPT) calibrate on.
   c.calibration = ml_collections.ConfigDict({'batches': 8})
+  lr = LEARNING_RATES.get(method, 1e-3)
   c.optimizer = ml_collections.ConfigDict({
-      'lr': LEARNING_RATES.get(method, 1e-3),
-      'weight_decay': 0.0 if method in NO_WEIGHT_DECAY else 0.01, 'b1': 0.9, 'b2': 0.999,
-      'eps': 1e-8, 'schedule': 'constant',  # or 'cosine' (after warmup_steps, to 0)
+      'lr': lr, 'weight_decay': 0.0 if method in NO_WEIGHT_DECAY else 0.01, 'b1': 0.9,
+      'b2': 0.999, 'eps': 1e-8,
+      'schedule': SCHEDULES.get(method, 'constant'),  # or 'cosine' (after warmup_steps, to 0)
       'warmup_steps': 0, 'clip_norm': 0.0,
       # the head's lr as a multiple of lr (0: the head stays frozen)
-      'head_lr_scale': 0.0 if method == 'graft' else 1.0})
+      'head_lr_scale': HEAD_LEARNING_RATES.get(method, lr) / lr})
   c.train = ml_collections.ConfigDict({
       'batch_size': 32, 'eval_batch_size': 64, 'epochs': 3, 'max_steps': 0, 'log_every': 20,
       'eval_every': 0,  # extra val evaluations every that many steps (0: once per epoch)
