@@ -13,6 +13,10 @@ without the residual) and MoSA (the same adapter as 4 sparse modules, one active
 Rows also SSF (at its official 5e-3), VPT-shallow, VPT-deep and DVPT (10 prompts; not
 yet tried on these data). Columns: test accuracy, trainable params, adapter bytes, peak RSS and steps/s.
 
+SSF's claim (SSF well above the linear probe and close to full fine-tuning) is checked over
+seeds 0, 1 and 2 of those three rows (`CLAIM_ROWS`): each row's mean with a 95% t interval,
+and SSF's paired differences to the probe and to full fine-tuning.
+
 Budget (60 minutes on 2 cores from a fresh clone, the pretraining's 8 included): batches of
 64, AdamW with a cosine schedule from the peak to 0, 3 epochs of MNIST (189 steps) and 6 of
 digits (138) per row: 26 processes of at most 189 steps, each compiling once. Estimated, not
@@ -75,6 +79,8 @@ SETTINGS = {
     'dvpt': ({'name': 'dvpt', 'targets': (LAYERS,), 'length': 10, 'size': 8}, {}, 3e-3),
 }
 TINY_ROWS = ('full', 'linear_probe', 'attentive_probe')
+# SSF's claim (well above the linear probe, close to full fine-tuning), over seeds 0, 1, 2.
+CLAIM_ROWS, CLAIM_SEEDS = ('full', 'linear_probe', 'ssf'), (1, 2)
 VARIANTS = ('', 'tiny')
 
 
@@ -106,16 +112,26 @@ def get_config(variant: str = ''):
     raise ValueError(f"unknown variant {variant!r} after the config file's ':'; expected one "
                      f'of {VARIANTS}')
   tiny = variant == 'tiny'
-  runs, labels = {}, {}
+  runs, labels, seeds, differences = {}, {}, {}, []
   for data in DATA:
     for row in rows(tiny):
       runs[f'{data}_{row}'] = run_config(row, data, tiny)
       labels[f'{data}: {row}'] = f'{data}_{row}'
+    for row in () if tiny else CLAIM_ROWS:
+      seeds[f'{data}: {row}'] = [f'{data}_{row}']
+      for seed in CLAIM_SEEDS:
+        runs[f'{data}_{row}_seed{seed}'] = run_config(row, data)
+        runs[f'{data}_{row}_seed{seed}'].seed = seed
+        seeds[f'{data}: {row}'].append(f'{data}_{row}_seed{seed}')
+    if not tiny:
+      differences += [(f'{data}: ssf', f'{data}: linear_probe'), (f'{data}: ssf', f'{data}: full')]
   c = ml_collections.ConfigDict()
   c.runs = ml_collections.ConfigDict(runs, sort_keys=False)
   c.rows = ml_collections.ConfigDict(labels, sort_keys=False)
   c.baseline = 'mnist: full'
   c.compose = ml_collections.ConfigDict()
   c.recovery = ml_collections.ConfigDict()
+  c.seeds = ml_collections.ConfigDict(seeds, sort_keys=False)
+  c.differences = differences
   c.only = ''
   return c

@@ -2,8 +2,8 @@
 
 A compare config has `runs` (name -> a run config, or a chain of stages; run in that order),
 `rows` (table label -> 'RUN' or 'RUN/STAGE', in table order), `baseline` (the row that the
-memory and speed ratios divide by), `compose`, `recovery` and `only` (comma-separated run
-names, or '' for all); `experiments.run` hands such a config here.
+memory and speed ratios divide by), `compose`, `recovery`, `seeds`, `differences` and
+`only` (comma-separated run names, or '' for all); `experiments.run` hands such a config here.
 
 Every run, and every stage of a chain, trains in a fresh process of its own, so that its peak
 resident memory (VmHWM: everything the process held, data and compiled code included) is its
@@ -20,6 +20,9 @@ hold `{workdir}`, the study's workdir (a run that grafts another run's adapter).
   (γ > 1/2, `binarized_graft`) and measured with the run's head; recovery is (accuracy - the
   probe's) / (the full fine-tuning's - the probe's) on the test split, next to the fraction
   of the targeted entries grafted.
+- `seeds` ({label: (run, ...)} or empty): the same row trained with different seeds; its test
+  accuracy's mean with a 95% t interval. `differences` ((label, label), ...): each pair's
+  test accuracy difference (first minus second), paired by position (seed), mean and interval.
 
 Writes `WORKDIR/compare.json` and `WORKDIR/compare.md`.
 
@@ -35,7 +38,9 @@ import sys
 import time
 
 import ml_collections
+import numpy as np
 
+from peftjax.analysis import paired
 from peftjax.io.files import atomic_write_text
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -134,6 +139,14 @@ def check_rows(config) -> None:
   if missing:
     raise ValueError(f'baseline, compose and recovery name rows; {missing} are not among the '
                      f'rows {list(config.rows)}')
+  seeds = config.get('seeds', {})
+  bad = {label: [r for r in runs if r not in names] for label, runs in seeds.items()}
+  if any(bad.values()):
+    raise ValueError(f'seeds name runs the study lacks: {bad}; it has {sorted(names)}')
+  unknown = [l for pair in config.get('differences', ()) for l in pair if l not in seeds]
+  if unknown:
+    raise ValueError(f'differences name {unknown}, which are not labels of seeds '
+                     f'{list(seeds)}')
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -157,6 +170,8 @@ def report(config, workdir) -> dict:
   rec = config.recovery.to_dict()
   if rec and done(rec['row'], rec['full'], rec['probe']):
     out['recovery'] = cached(workdir / 'recovery.json', lambda: recovered(config, workdir, rec))
+  if config.get('seeds'):
+    out['seeds'], out['differences'] = seeded(config, workdir)
   atomic_write_text(workdir / 'compare.json', json.dumps(out, indent=1))
   table = markdown(out)
   atomic_write_text(workdir / 'compare.md', table + '\n')
@@ -251,6 +266,27 @@ def recovered(config, workdir, rec: dict) -> dict:
           'recovery': (acc - probe) / (full - probe) if full != probe else None}
 
 
+def seeded(config, workdir: pathlib.Path) -> tuple[dict, list]:
+  """Per label of `seeds`: the finished runs' test accuracies, their mean and 95% interval;
+  per pair of `differences` (both complete), the paired difference."""
+  accuracies = {}
+  for label, runs in config.seeds.items():
+    found = [_read(workdir / run / 'summary.json') for run in runs]
+    accuracies[label] = [f['test_accuracy'] for f in found if f is not None]
+  seeds = {label: {'runs': list(config.seeds[label]), 'test_accuracy': acc,
+                   'mean': paired(acc)['mean'], 'ci': paired(acc)['ci']}
+           for label, acc in accuracies.items()}
+  differences = [
+      {'first': a, 'second': b, **paired(np.subtract(accuracies[a], accuracies[b]))}
+      for a, b in config.get('differences', ())
+      if len(accuracies[a]) == len(accuracies[b]) == len(config.seeds[a]) == len(config.seeds[b])]
+  return seeds, differences
+
+
+def _interval(ci) -> str:
+  return f'[{ci[0]:+.4f}, {ci[1]:+.4f}]' if ci else ''
+
+
 def _ratio(value, reference, fmt='{:.2f}×') -> str:
   return fmt.format(value / reference) if value and reference else ''
 
@@ -284,6 +320,20 @@ def markdown(out: dict) -> str:
               f"full fine-tuning's {r['full_accuracy']:.4f}: "
               + (f"it recovers {100 * r['recovery']:.1f}% of full fine-tuning's gain."
                  if r['recovery'] is not None else 'full fine-tuning gained nothing.')]
+  if out.get('seeds'):
+    lines += ['', 'Seeds: test accuracy over seeds, mean and 95% t interval', '',
+              '| row | seeds | test acc mean | 95% interval | each |', '|---|---|---|---|---|']
+    for label, r in out['seeds'].items():
+      each = ', '.join(f'{a:.4f}' for a in r['test_accuracy'])
+      mean = f"{r['mean']:.4f}" if r['mean'] is not None else ''
+      interval = f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]" if r['ci'] else ''
+      lines.append(f"| {label} | {len(r['test_accuracy'])}/{len(r['runs'])} | {mean} | "
+                   f'{interval} | {each} |')
+  if out.get('differences'):
+    lines += ['', 'Paired differences of test accuracy (first - second, by seed)', '',
+              '| first | second | seeds | mean difference | 95% interval |', '|---|---|---|---|---|']
+    lines += [f"| {d['first']} | {d['second']} | {d['n']} | {d['mean']:+.4f} | "
+              f"{_interval(d['ci'])} |" for d in out['differences']]
   return '\n'.join(lines)
 
 

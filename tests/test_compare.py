@@ -55,6 +55,41 @@ def test_unknown_names_are_clear_errors(tmp_path):
     sparse_study.get_config('huge')
 
 
+def test_seeds_give_means_intervals_and_paired_differences(tmp_path):
+  import ml_collections
+  from configs import vit_transfer
+  c = vit_transfer.get_config()
+  assert c.seeds['digits: ssf'] == ['digits_ssf', 'digits_ssf_seed1', 'digits_ssf_seed2']
+  assert c.runs['digits_ssf_seed2'].seed == 2 and c.runs['digits_ssf'].seed == 0
+  compare.check_rows(c)
+  accuracy = {'a': [0.80, 0.84, 0.82], 'b': [0.70, 0.71, 0.75]}
+  for label, values in accuracy.items():
+    for seed, value in enumerate(values):
+      (tmp_path / f'{label}{seed}').mkdir()
+      (tmp_path / f'{label}{seed}' / 'summary.json').write_text(
+          json.dumps({'test_accuracy': value}))
+  config = ml_collections.ConfigDict({
+      'seeds': {'A': ['a0', 'a1', 'a2'], 'B': ['b0', 'b1', 'b2'], 'C': ['a0', 'missing']},
+      'differences': [('A', 'B'), ('A', 'C')]})
+  seeds, differences = compare.seeded(config, tmp_path)
+  assert seeds['A']['mean'] == pytest.approx(0.82)
+  # t(0.975, 2) = 4.303; the standard deviation of 0.80, 0.84, 0.82 is 0.02.
+  assert seeds['A']['ci'] == pytest.approx([0.82 - 4.303 * 0.02 / 3 ** 0.5,
+                                            0.82 + 4.303 * 0.02 / 3 ** 0.5], abs=1e-4)
+  assert seeds['C']['test_accuracy'] == [0.80]
+  # Paired by seed: the differences 0.10, 0.13, 0.07 (not the difference of means alone).
+  (d,) = differences  # A - C is left out: C has a missing run
+  assert (d['first'], d['second'], d['n']) == ('A', 'B', 3)
+  assert d['mean'] == pytest.approx(0.10)
+  half = 4.303 * 0.03 / 3 ** 0.5
+  assert d['ci'] == pytest.approx([0.10 - half, 0.10 + half], abs=1e-4)
+  table = compare.markdown({'rows': {}, 'baseline': 'A', 'seeds': seeds,
+                            'differences': differences})
+  assert '| A | 3/3 | 0.8200 |' in table and '| A | B | 3 | +0.1000 |' in table
+  with pytest.raises(ValueError, match='seeds name runs the study lacks'):
+    compare.check_rows(_with(c, seeds={**c.seeds.to_dict(), 'x': ['nope']}))
+
+
 @pytest.mark.long
 def test_the_tiny_study_tabulates_every_row_composes_and_grafts(tmp_path):
   def study():
