@@ -69,6 +69,11 @@ SETTINGS = {
                              'targets': ('attention/output$',) if short == 'par_res'
                              else ADAPTER_TARGETS}, {}, 3e-3)
        for short, (placement, residual) in PLACEMENTS.items()},
+    # The parallel adapter trained quantised to 1 bit (Bi-AdaptFormer's quantisation-aware
+    # training, `low_precision`); the suite's docs also quantise trained adapters afterwards.
+    'adapter_par_1bit': ({'name': 'low_precision', 'bits': 1, 'adapter': {
+        'method': 'adapter', 'size': 8, 'placement': 'parallel', 'residual': False,
+        'targets': ADAPTER_TARGETS}}, {}, 3e-3),
     'mosa': ({'name': 'mosa', 'targets': ADAPTER_TARGETS, 'size': 8, 'modules': 4,
               'active': 1}, {}, 3e-3),
     'ssf': ({'name': 'ssf', 'targets': ('encoder/.*/kernel', 'norm/scale$')}, {}, 5e-3),
