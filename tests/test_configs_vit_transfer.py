@@ -17,15 +17,16 @@ from peftjax.tasks import heads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = ['full', 'linear_probe', 'attentive_probe', 'lora', 'adapter_seq', 'adapter_seq_nores',
-        'adapter_par', 'adapter_par_res', 'mosa', 'ssf', 'vpt_shallow', 'vpt_deep', 'dvpt']
+        'adapter_par', 'adapter_par_res', 'adapter_par_1bit', 'mosa', 'ssf', 'vpt_shallow', 'vpt_deep', 'dvpt']
 
 
 def test_every_method_runs_on_both_data_sets_from_the_pretrained_vit(tmp_path):
   c = vit_transfer.get_config()
   assert list(c.rows) == [f'{d}: {r}' for d in ('mnist', 'digits') for r in ROWS]
-  assert list(c.runs) == [f'{d}_{r}' for d in ('mnist', 'digits') for r in ROWS]
+  seeds = [f'{r}_seed{s}' for r in ('full', 'linear_probe', 'ssf') for s in (1, 2)]
+  assert list(c.runs) == [f'{d}_{r}' for d in ('mnist', 'digits') for r in ROWS + seeds]
   compare.check_rows(c)
-  assert len(compare.jobs(c, tmp_path)) == 2 * len(ROWS)
+  assert len(compare.jobs(c, tmp_path)) == 2 * (len(ROWS) + len(seeds))
   for name, run in c.runs.items():
     assert run.model.checkpoint == 'fashion_mnist' and run.task == 'image_classification'
     assert run.data.name == name.split('_')[0] and run.data.limit == 0
@@ -39,7 +40,8 @@ def test_every_method_runs_on_both_data_sets_from_the_pretrained_vit(tmp_path):
     head_lr = run.optimizer.lr * run.optimizer.head_lr_scale
     assert head_lr == pytest.approx(run.optimizer.lr if 'attentive' in name else 5e-2), name
   placements = {(r.method.placement, r.method.residual) for n, r in c.runs.items()
-                if n.startswith('mnist_adapter')}
+                if n.startswith('mnist_adapter') and r.method.name == 'adapter'}
+  assert c.runs.mnist_adapter_par_1bit.method.adapter.placement == 'parallel'
   assert placements == {('sequential', True), ('sequential', False), ('parallel', True),
                         ('parallel', False)}
   # each row's method builds (its keys are the method's arguments)
