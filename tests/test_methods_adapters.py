@@ -114,7 +114,10 @@ def test_zero_init_adapters_leave_outputs_unchanged_on_bert_and_a_user_model(var
     adapter = make(targets, size=5, widths=widths)
     frozen, state = adapter.init(jax.random.key(1), params)
     assert frozen is params and len(state) == (4 if params is bert_params() else 2)
-    np.testing.assert_array_equal(run(adapter.apply(frozen, state)), run(params))
+    # Equal up to rounding: the adapted program is another XLA program, whose fusions may
+    # round the model's own ops differently (by an ulp, on some CPUs).
+    np.testing.assert_allclose(run(adapter.apply(frozen, state)), run(params), rtol=1e-6,
+                               atol=1e-6)
     # Trained, the same adapters change the outputs: they run inside the unchanged models.
     adapted = run(adapter.apply(frozen, moved(state)))
     assert float(jnp.abs(adapted - run(params)).max()) > 1e-2
