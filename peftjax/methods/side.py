@@ -52,6 +52,7 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -303,10 +304,11 @@ def side(targets, output: str, size: int = 64, *, fusion: str = 'residual',
 
   def layout(params) -> tuple[dict[str, int], str, int]:
     """`({tap path: width}, output path, output width)`."""
-    found = output_widths(params, [output], config['widths'], what='module (side output)')
-    if len(found) != 1:
-      raise ValueError(f'side output={output!r} should name one module; it names {list(found)}')
-    ((out_path, out_width),) = found.items()
+    named = P.select(module_paths(P.flatten(params)), [output], what='module (side output)')
+    if len(named) != 1:
+      raise ValueError(f'side output={output!r} should name one module; it names {named}')
+    ((out_path, out_width),) = output_widths(params, ['^' + re.escape(named[0]) + '$'],
+                                             config['widths']).items()
     taps = output_widths(params, config['targets'], config['widths'])
     P.check_overrides([*taps, out_path], config['widths'], 'widths')
     around = [p for p in taps if out_path == p or out_path.startswith(p + P.SEP)]
