@@ -9,7 +9,9 @@ optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and
 (the head alone). `adapter` and `mosa` insert bottleneck modules of width 32 (about LoRA's
 trainable count) after each sub-layer's output projection (Houlsby's placement, sequential
 with the residual); `low_precision` trains that adapter quantised to 1 bit. `vpt` and `dvpt`
-put 10 prompts before each layer (VPT-deep), extending its attention mask. `graft` grafts the
+put 10 prompts before each layer (VPT-deep), extending its attention mask. `side` trains a
+side network of width 64 (UniPT) on every layer's detached output, fused into the encoder's
+output with the encoder's attention mask. `graft` grafts the
 `full` run in `runs/minilm_vader_full` (its adapter) at lr 0.05, so that Adam's steps of
 about lr can carry scores across the sigmoid bias (10) within the run, with that run's head
 frozen (`head_lr_scale` 0), as the paper measures a graft with the fine-tuned model's own
@@ -44,8 +46,9 @@ FULL_RUN_ADAPTER = 'runs/minilm_vader_full/adapter'  # what `graft` grafts
 MINILM_HEADS = 12
 # Modules (not params) that bottleneck adapters wrap: each sub-layer's output projection.
 ADAPTER_TARGETS = (r'attention/output$', r'layer_\d+/output$')
-# Blocks that prompts (`vpt`, `dvpt`) enter: every layer (VPT-deep).
+# Blocks that prompts (`vpt`, `dvpt`) enter: every layer (VPT-deep); side tuning reads them.
 PROMPT_TARGETS = (r'encoder/layer_\d+$',)
+SIDE_OUTPUT = 'encoder$'  # the module whose output side tuning's network fuses into
 
 
 def method_config(name: str) -> dict:
@@ -69,6 +72,9 @@ def method_config(name: str) -> dict:
     return {'name': name, **SCALE_SHIFT[name]}
   if name in ('vpt', 'dvpt'):  # deep prompts before each layer, which take the mask second
     return {'name': name, 'targets': PROMPT_TARGETS, 'length': 10, 'mask': 1}
+  if name == 'side':  # reads every layer, fuses into the encoder's output (mask second)
+    return {'name': name, 'targets': PROMPT_TARGETS, 'output': SIDE_OUTPUT, 'size': 64,
+            'mask': 1}
   if name == 'low_precision':  # the `adapter` method trained 1-bit (Bi-AdaptFormer's bits)
     return {'name': name, 'bits': 1,
             'adapter': {'method': 'adapter', 'targets': ADAPTER_TARGETS, 'size': 32}}

@@ -11,7 +11,7 @@ with: full fine-tuning, the linear probe, the attentive probe (efficient probing
 after each sub-layer's output projection in each placement (sequential / parallel, with /
 without the residual) and MoSA (the same adapter as 4 sparse modules, one active per step).
 Rows also SSF (at its official 5e-3), VPT-shallow, VPT-deep and DVPT (10 prompts; not
-yet tried on these data). Columns: test accuracy, trainable params, adapter bytes, peak RSS and steps/s.
+yet tried on these data) and side tuning (UniPT, width 32, every block read). Columns: test accuracy, trainable params, adapter bytes, peak RSS and steps/s.
 
 SSF's claim (SSF well above the linear probe and close to full fine-tuning) is checked over
 seeds 0, 1 and 2 of those three rows (`CLAIM_ROWS`): each row's mean with a 95% t interval,
@@ -82,6 +82,10 @@ SETTINGS = {
     'vpt_deep': ({'name': 'vpt', 'targets': (LAYERS,), 'length': 10, 'fan_in': PATCH_KERNEL},
                  {}, 3e-3),
     'dvpt': ({'name': 'dvpt', 'targets': (LAYERS,), 'length': 10, 'size': 8}, {}, 3e-3),
+    # UniPT's side network (width 32 of the ViT's 96) on every block's detached output, fused
+    # into the encoder's normed tokens, which the mean pooling reads.
+    'side': ({'name': 'side', 'targets': (LAYERS,), 'output': 'encoder$', 'size': 32}, {},
+             3e-3),
 }
 TINY_ROWS = ('full', 'linear_probe', 'attentive_probe')
 # SSF's claim (well above the linear probe, close to full fine-tuning), over seeds 0, 1, 2.

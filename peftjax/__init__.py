@@ -20,6 +20,7 @@ from peftjax.methods import (REGISTRY, binarized_graft, corda, eva, from_config,
 from peftjax.methods import bottleneck_adapter, merge_mosa, mosa
 from peftjax.methods import bitfit, ia3, ln_tuning, ssf
 from peftjax.methods import dvpt, vpt
+from peftjax.methods import side
 from peftjax.methods import low_precision
 
 __version__ = '0.1.0'
@@ -35,5 +36,6 @@ __all__ = [
     'NotMergeableError', 'bottleneck_adapter', 'merge_mosa', 'mosa',
     'bitfit', 'ia3', 'ln_tuning', 'Scaled', 'ssf',
     'dvpt', 'vpt',
+    'side',
     'low_precision',
 ]

@@ -17,7 +17,8 @@ from peftjax.tasks import heads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = ['full', 'linear_probe', 'attentive_probe', 'lora', 'adapter_seq', 'adapter_seq_nores',
-        'adapter_par', 'adapter_par_res', 'adapter_par_1bit', 'mosa', 'ssf', 'vpt_shallow', 'vpt_deep', 'dvpt']
+        'adapter_par', 'adapter_par_res', 'adapter_par_1bit', 'mosa', 'ssf', 'vpt_shallow', 'vpt_deep', 'dvpt',
+        'side']
 
 
 def test_every_method_runs_on_both_data_sets_from_the_pretrained_vit(tmp_path):

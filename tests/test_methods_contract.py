@@ -76,6 +76,8 @@ CASES = {
     # The batch [16, 8] is one sequence of 16 tokens to a prompt.
     'vpt': lambda: pj.vpt('^up$', length=2, fan_in=5, dropout=0.1),
     'dvpt': lambda: pj.dvpt(['^up$', '^down$'], length=2, size=3),
+    # The side network reads up's output and fuses into down's (16 tokens of one sequence).
+    'side': lambda: pj.side('^up$', output='^down$', size=3, widths={'^up$': 12}),
     # init_scale=0 keeps LoRA's zero B (the official small random start changes outputs).
     'low_precision': lambda: pj.low_precision(pj.lora('kernel', rank=2, alpha=4.0), bits=2,
                                               init_scale=0.0),
@@ -85,7 +87,7 @@ CASES = {
 NOT_INVERTIBLE = {'svfit', 'loldu', 'corda', 'lora_ga', 'sparse_ft', 'spt', 'mask_tuning',
                   'graft', 'sara'}
 # Methods that insert modules around the model's calls: no merged tree, no unmerge.
-INSERTS_MODULES = {'adapter', 'mosa', 'vpt', 'dvpt'}
+INSERTS_MODULES = {'adapter', 'mosa', 'vpt', 'dvpt', 'side'}
 # Prompts change only what mixes tokens; the MLP mixes none (tests/test_methods_prompts.py).
 TOKEN_PROMPTS = {'vpt', 'dvpt'}
 # Methods that re-base the frozen tree on a co-permutation of the weights (the same function):

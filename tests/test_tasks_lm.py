@@ -175,8 +175,10 @@ def test_every_lora_family_method_and_full_train_a_step_on_smollm2(tmp_path):
   batch = next(task.batches('train', 2, seed=0))
   # No head here: probe trains nothing. LLaMA has no biases: SSF's shifts have no place and
   # BitFit nothing to train. Prompts need blocks whose per-token argument is a padding mask
-  # [..., L]; the decoder layer takes an [L, L] mask and positions.
-  names = [n for n in methods.REGISTRY if n not in ('probe', 'ssf', 'bitfit', 'vpt', 'dvpt')]
+  # [..., L]; the decoder layer takes an [L, L] mask and positions. Side tuning's
+  # cross-attention mixes every token with every other, which a causal LM must not.
+  names = [n for n in methods.REGISTRY
+           if n not in ('probe', 'ssf', 'bitfit', 'vpt', 'dvpt', 'side')]
   modules = ('self_attn/o_proj$', 'mlp/down_proj$')  # bottleneck adapters go around these
   for name in names:
     block = minilm_vader.method_config(name)

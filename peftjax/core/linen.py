@@ -14,13 +14,17 @@ leaf among its own params raises an error that names it.
 
 A module whose own params hold a `bottleneck.Inserted` (a `Bottleneck` under `bottleneck.KEY`,
 prompts) has its call wrapped by it, whatever the module (`peftjax.core.bottleneck`); several
-wrap it in the order of their keys, the first innermost.
+wrap it in the order of their keys, the first innermost. The inserted modules of one apply
+share a dict, `shared()`, in which one can leave values for another (a side network's taps
+for its output module); it starts empty at each apply's outermost call, and the calls inside
+a lifted transform (`nn.remat`, `nn.scan`, whose values cannot leave it) get one of their own.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import string
+import threading
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -44,7 +48,35 @@ def apply(module: nn.Module, params, *args, rng=None, **kwargs):
                         rngs=None if rng is None else {'dropout': rng}, **kwargs)
 
 
+_SHARED = threading.local()  # stack: (root scope, dict) per running apply; hosts: scopes
+
+
+def shared() -> dict:
+  """The dict that the inserted modules of the running apply share (module docstring).
+
+  Raises:
+    RuntimeError: called outside an inserted module's call inside `structured_layers()`.
+  """
+  stack, hosts = getattr(_SHARED, 'stack', None), getattr(_SHARED, 'hosts', None)
+  if not stack or not hosts:
+    raise RuntimeError('linen.shared() is for inserted modules running inside an apply in '
+                       'structured_layers()')
+  return stack[-1][1].setdefault(id(hosts[-1].root), {})  # a lifted transform's: its own
+
+
 def _interceptor(next_fun, args, kwargs, context):
+  scope = context.module.scope
+  stack = _SHARED.__dict__.setdefault('stack', [])
+  if scope is not None and not scope.path and not (stack and stack[-1][0] is scope):
+    stack.append((scope, {}))  # an apply's (or a lifted transform's) outermost call
+    try:
+      return _intercepted(next_fun, args, kwargs, context)
+    finally:
+      stack.pop()
+  return _intercepted(next_fun, args, kwargs, context)
+
+
+def _intercepted(next_fun, args, kwargs, context):
   module = context.module
   if context.method_name != '__call__' or module.scope is None or not args:
     return next_fun(*args, **kwargs)
@@ -57,8 +89,13 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 def _inserted_call(inserted, call, module, *args, **kwargs):
-  return inserted.wrap(call, args, kwargs, lambda: _rng(module),
-                       where=P.SEP.join(map(str, module.scope.path)))
+  hosts = _SHARED.__dict__.setdefault('hosts', [])
+  hosts.append(module.scope)
+  try:
+    return inserted.wrap(call, args, kwargs, lambda: _rng(module),
+                         where=P.SEP.join(map(str, module.scope.path)))
+  finally:
+    hosts.pop()
 
 
 def _layer_call(next_fun, args, kwargs, module):

@@ -16,6 +16,7 @@ from peftjax.methods.prompts import dvpt, vpt
 from peftjax.methods.s2ft import s2ft
 from peftjax.methods.scale_shift import ia3, ssf
 from peftjax.methods.sensitivity import spt
+from peftjax.methods.side import side
 from peftjax.methods.sparse import sparse_ft
 from peftjax.methods.sparse_low_rank import sara
 from peftjax.methods.svd_init import loldu, milora, pissa, soka, soma, sorsa, svfit
@@ -31,6 +32,7 @@ REGISTRY |= {'mask_tuning': mask_tuning, 'graft': graft}
 REGISTRY |= {'adapter': bottleneck_adapter, 'mosa': mosa}
 REGISTRY |= {'ssf': ssf, 'ia3': ia3, 'bitfit': bitfit, 'ln_tuning': ln_tuning}
 REGISTRY |= {'vpt': vpt, 'dvpt': dvpt}
+REGISTRY |= {'side': side}
 REGISTRY |= {'low_precision': low_precision}
 
 

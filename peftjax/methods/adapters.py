@@ -34,7 +34,7 @@ import numpy as np
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
 from peftjax.core.bottleneck import KEY, Bottleneck, check_options
-from peftjax.methods.common import target_list
+from peftjax.methods.common import module_paths, target_list
 
 INITS = ('zero_up', 'houlsby')
 
@@ -55,8 +55,7 @@ def module_widths(params, targets, widths: dict | None = None) -> dict[str, tupl
     ValueError: a module whose widths are unknown, or that already holds an adapter.
   """
   flat = P.flatten(params)
-  modules = dict.fromkeys(P.SEP.join(p.split(P.SEP)[:i]) for p in flat
-                          for i in range(1, p.count(P.SEP) + 1))
+  modules = module_paths(flat)
   chosen = P.select(modules, targets, what='module')
   P.check_overrides(chosen, widths, 'widths')
   out = {}

@@ -9,6 +9,13 @@ def target_list(targets) -> list[str]:
   return list([targets] if isinstance(targets, str) else targets)
 
 
+def module_paths(flat: dict) -> dict[str, None]:
+  """The module paths of a flat param tree (every proper prefix of a param path, e.g.
+  `encoder`, `encoder/layer_0`), in tree order, as a dict (an ordered set)."""
+  return dict.fromkeys(P.SEP.join(p.split(P.SEP)[:i]) for p in flat
+                       for i in range(1, p.count(P.SEP) + 1))
+
+
 def check_dropout(name: str, dropout: float):
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'{name} dropout must be in [0, 1), got {dropout}')

@@ -38,7 +38,7 @@ from peftjax.core.adapter import Adapter
 from peftjax.core.bottleneck import ACTIVATIONS, Inserted
 from peftjax.core.dropout import dropout as drop
 from peftjax.methods.adapters import projections
-from peftjax.methods.common import target_list
+from peftjax.methods.common import module_paths, target_list
 
 KEY = 'prompts'  # the key of the inserted prompts in the block's params
 
@@ -138,35 +138,54 @@ def _shape(x):
 
 def _with_prompt_mask(args, kwargs, mask, tokens_shape, length, where):
   """The call's arguments with its attention mask [..., L] (named by `mask`) extended by
-  `length` ones in front; an unnamed argument of that shape is an error."""
+  `length` ones in front (`mask_argument`)."""
+  key = mask_argument(args, kwargs, mask, tokens_shape, where)
   args, kwargs = list(args), dict(kwargs)
+  if key is None:
+    return args, kwargs
+  holder = args if isinstance(key, int) else kwargs
+  m = holder[key]
+  ones = jnp.ones((*m.shape[:-1], length), m.dtype)
+  holder[key] = jnp.concatenate([ones, m], axis=-1)
+  return args, kwargs
+
+
+def mask_argument(args, kwargs, mask, tokens_shape, where) -> int | str | None:
+  """Where a module call takes its per-token attention mask [..., L]: `mask` (a position
+  among the call's arguments or a keyword), checked; None where `mask` is None.
+
+  Raises:
+    ValueError: `mask` names no argument or one of another shape than `tokens_shape`, or
+      `mask` is None while an argument has that shape (an unnamed mask).
+  """
   named = [(i, a) for i, a in enumerate(args) if i] + list(kwargs.items())
   if mask is None:
     for name, a in named:
       if getattr(a, 'shape', None) == tuple(tokens_shape):
         raise ValueError(f'{where}: the block also takes an argument of shape {a.shape} (at '
                          f'{name!r}), one per token, e.g. an attention mask; give its position '
-                         f'or keyword as mask= so that the prompts extend it')
-    return args, kwargs
-  holder = args if isinstance(mask, int) else kwargs
+                         f'or keyword as mask=')
+    return None
   if (isinstance(mask, int) and not 0 < mask < len(args)) or (
       isinstance(mask, str) and mask not in kwargs):
     raise ValueError(f'{where}: mask={mask!r} names no argument of the block call (it has '
                      f'{len(args)} positional and keywords {sorted(kwargs)})')
-  m = holder[mask]
+  m = (args if isinstance(mask, int) else kwargs)[mask]
   if getattr(m, 'shape', None) != tuple(tokens_shape):
     raise ValueError(f'{where}: the mask at {mask!r} should have one entry per token, shape '
                      f'{tuple(tokens_shape)}; got {_shape(m)}')
-  ones = jnp.ones((*m.shape[:-1], length), m.dtype)
-  holder[mask] = jnp.concatenate([ones, m], axis=-1)
-  return args, kwargs
+  return mask
+
+
+def check_mask(name, mask):
+  if mask is not None and not isinstance(mask, (int, str)):
+    raise ValueError(f'{name} mask must be a position (int) or keyword (str), got {mask!r}')
 
 
 def _check(name, length, mask, rate):
+  check_mask(name, mask)
   if not (isinstance(length, int) and not isinstance(length, bool) and length >= 0):
     raise ValueError(f'{name} prompt length must be an int >= 0, got {length!r}')
-  if mask is not None and not isinstance(mask, (int, str)):
-    raise ValueError(f'{name} mask must be a position (int) or keyword (str), got {mask!r}')
   if not 0.0 <= rate < 1.0:
     raise ValueError(f'{name} prompt dropout must be in [0, 1), got {rate!r}')
 
@@ -176,8 +195,7 @@ def _blocks(params, targets, width):
   width of the first 2-D kernel among the block's params (its own, or e.g. a transformer
   block's first attention projection); a wrong guess fails at the call, naming the block."""
   flat = P.flatten(params)
-  modules = dict.fromkeys(P.SEP.join(p.split(P.SEP)[:i]) for p in flat
-                          for i in range(1, p.count(P.SEP) + 1))
+  modules = module_paths(flat)
   out = {}
   for path in P.select(modules, targets, what='module'):
     own = flat.get(f'{path}{P.SEP}kernel')
