@@ -3,27 +3,24 @@ VTAB-style suite of fine-tuning methods side by side (`experiments.compare`).
 
 COMMAND: python -m experiments.run --config=configs/vit_transfer.py --workdir=runs/vit_transfer
 
-The ViT pretrained on Fashion-MNIST (`{'name': 'vit', 'checkpoint': 'fashion_mnist'}`; make
-it first with `python -m experiments.pretrain_vit`, about 8 minutes) transferred to the 5k
-MNIST subset (4,000 training images) and to the 1,797 digits resized to 28x28 (1,437), each
-with: full fine-tuning, the linear probe, the attentive probe (efficient probing, 8 queries,
+The ViT pretrained on Fashion-MNIST (`{'name': 'vit', 'checkpoint': 'fashion_mnist'}`; made
+first by `python -m experiments.pretrain_vit`) transferred to the 5k MNIST subset (4,000
+training images) and to the 1,797 digits resized to 28x28 (1,437), each with: full
+fine-tuning, the linear probe, the attentive probe (efficient probing, 8 queries,
 `peftjax.tasks.heads`), LoRA (rank 4 on every encoder kernel), bottleneck adapters of width 8
 after each sub-layer's output projection in each placement (sequential / parallel, with /
-without the residual) and MoSA (the same adapter as 4 sparse modules, one active per step).
-Rows also SSF (at its official 5e-3), VPT-shallow, VPT-deep and DVPT (10 prompts; not
-yet tried on these data) and side tuning (UniPT, width 32, every block read). Columns: test accuracy, trainable params, adapter bytes, peak RSS and steps/s.
+without the residual), the parallel adapter trained at 1 bit, MoSA (the same adapter as 4
+sparse modules, one active per step), SSF (at its official 5e-3), VPT-shallow, VPT-deep and
+DVPT (10 prompts) and side tuning (UniPT, width 32, every block read). Columns: test
+accuracy, trainable params, adapter bytes, peak RSS and steps/s. Results: docs/vit_transfer.md.
 
 SSF's claim (SSF well above the linear probe and close to full fine-tuning) is checked over
 seeds 0, 1 and 2 of those three rows (`CLAIM_ROWS`): each row's mean with a 95% t interval,
 and SSF's paired differences to the probe and to full fine-tuning.
 
-Budget (60 minutes on 2 cores from a fresh clone, the pretraining's 8 included): batches of
-64, AdamW with a cosine schedule from the peak to 0, 3 epochs of MNIST (189 steps) and 6 of
-digits (138) per row: 26 processes of at most 189 steps, each compiling once. Estimated, not
-yet measured end to end: a step of full fine-tuning at half the pretraining's batch takes
-about half its 0.27 s at light load, and the frozen-encoder rows train 4-6x as fast as full
-fine-tuning (measured under load, below), so with start-up, compilation and evaluation a row
-takes about a minute and the suite about 30 minutes after the pretraining.
+Budget: batches of 64, AdamW with a cosine schedule from the peak to 0, 3 epochs of MNIST
+(189 steps) and 6 of digits (138) per row: 42 processes, each compiling once; finished runs
+are skipped when the command runs again.
 
 Learning rates: full fine-tuning 3e-4 (under the pretraining's 1e-3 peak), the inserted and
 low-rank modules 3e-3, the attentive probe 1e-2; the new linear head learns at 5e-2 in every
