@@ -30,5 +30,5 @@ setuptools.setup(
         'matplotlib>=3.11',
         'tqdm>=4.70',
     ],
-    extras_require={'test': ['pytest>=9.2']},
+    extras_require={'test': ['pytest>=9.2', 'pytest-xdist>=3.8']},
 )
