@@ -131,6 +131,8 @@ def _target_modules(chosen: list[str], universe: list[str]) -> list[str]:
   for name in chosen:
     parts = name.split('.')
     for k in range(1, len(parts) + 1):
+      if parts[-k].isdigit():  # 'layer.1.x', not '1.x'
+        continue
       suffix = '.'.join(parts[-k:])
       if all(m in chosen_set for m in universe if m == suffix or m.endswith('.' + suffix)):
         break
