@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +250,35 @@ def test_export_rejects_other_methods_and_leaves_nothing(tmp_path):
     hf_peft.export_adapter(tmp_path / 'old', embed, frozen, state, llama_params())
   assert [p.name for p in tmp_path.iterdir()] == ['old']
   assert [p.name for p in (tmp_path / 'old').iterdir()] == ['keep']
+
+
+@pytest.mark.long  # a trainer run, the export command and two more runs: about a minute
+def test_a_run_exports_and_its_export_evaluates_and_trains_on(tmp_path):
+  """experiments.export writes the run's adapter and head; evaluated as an HF adapter it
+  measures what the run measured; a run started from it (--init_adapter) starts there."""
+  from peftjax.train.loop import evaluate_adapter, train  # pylint: disable=g-import-not-at-top
+  from tiny_runs import tiny  # pylint: disable=g-import-not-at-top
+  run = train(tiny(epochs=1), tmp_path / 'run')
+  out = subprocess.run([sys.executable, '-m', 'experiments.export',
+                        f'--workdir={tmp_path / "run"}', '--to=hf', str(tmp_path / 'hf')],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).parents[1])
+  assert out.returncode == 0, out.stderr[-2000:]
+  config, tensors = read(tmp_path / 'hf')
+  assert config['task_type'] == 'SEQ_CLS' and 'base_model.model.classifier.weight' in tensors
+  assert config['base_model_name_or_path'] == 'random-bert-seed0'
+  measured = evaluate_adapter(tiny(), tmp_path / 'hf', ('test',))['test']
+  np.testing.assert_allclose(measured['accuracy'], run['test_accuracy'], atol=1e-6)
+  np.testing.assert_allclose(measured['loss'], run['test_loss'], atol=1e-5)
+  again = tiny(epochs=1, eval_at_start=True, max_steps=1)
+  again.method.init = str(tmp_path / 'hf')
+  train(again, tmp_path / 'again')
+  start = json.loads((tmp_path / 'again' / 'metrics.jsonl').read_text().splitlines()[0])
+  assert start['step'] == 0
+  np.testing.assert_allclose(start['accuracy'], run['val_accuracy'], atol=1e-6)
+  again.method.name = 'pissa'
+  with pytest.raises(ValueError, match='continues as lora'):
+    train(again, tmp_path / 'wrong')
 
 
 # ---------------------------------------------------------------- against the real library

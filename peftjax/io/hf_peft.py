@@ -455,3 +455,12 @@ def import_adapter(directory, params, *, dtype=None):
       raise HfPeftError(f'{directory}: the classifier needs weight and bias; found {sorted(head)}')
     head = {'kernel': jnp.asarray(head['weight'].T), 'bias': jnp.asarray(head['bias'])}
   return adapter, frozen, state, head or None, config
+
+
+def load_any(directory, params):
+  """`pj.load_adapter(directory, params)`, or `import_adapter` where `directory` holds an HF
+  PEFT adapter: `(adapter, frozen, state, head, meta)` either way."""
+  if is_hf_adapter(directory):
+    return import_adapter(directory, params)
+  from peftjax.io.adapter_file import load_adapter  # pylint: disable=g-import-not-at-top
+  return load_adapter(directory, params)
