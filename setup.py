@@ -33,6 +33,6 @@ setuptools.setup(
     extras_require={
         'test': ['pytest>=9.2'],
         # HF PEFT interoperability tests (tests/test_hf_peft.py); never needed at run time.
-        'interop': ['torch==2.13.0', 'transformers', 'peft'],
+        'interop': ['torch==2.13.0', 'transformers>=5.24.0', 'peft>=0.21.2'],
     },
 )
