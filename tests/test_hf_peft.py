@@ -409,3 +409,30 @@ def test_llama_both_ways(tmp_path):
   ours = logits(adapter, frozen, state)
   print(f'LLaMA import: max abs difference of the logits {np.abs(ours - theirs).max():.2e}')
   np.testing.assert_allclose(ours, theirs, atol=ATOL)
+
+
+@pytest.mark.long  # SmolLM2-135M written as HF weights and run in both libraries: minutes
+def test_peft_loads_our_smollm2_adapter(tmp_path):
+  torch, transformers, peft = _torch()
+  from peftjax.models import hf_llama, smollm2  # pylint: disable=g-import-not-at-top
+  config, params = smollm2.load_smollm2()
+  hf_llama.save(config, params, tmp_path / 'base')
+  adapter, frozen, state = random_lora(params, ['self_attn/(q|v)_proj', 'layers_2/mlp/'],
+                                       rank=4, alpha=8, rslora=True)
+  hf_peft.export_adapter(tmp_path / 'ours', adapter, frozen, state, params,
+                         base_model=smollm2.MODEL_ID)
+  ids = np.array([[504, 3575, 282, 4649, 314]], np.int32)
+  forward = jax.jit(lambda p: Llama(config).apply({'params': p}, ids))
+  base = np.asarray(forward(params))
+  ours = np.asarray(forward(pj.materialize(adapter.apply(frozen, state))))
+  model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'base').eval()
+  with torch.no_grad():
+    their_base = model(input_ids=torch.tensor(ids)).logits.numpy()
+    model = peft.PeftModel.from_pretrained(model, tmp_path / 'ours').eval()
+    theirs = model(input_ids=torch.tensor(ids)).logits.numpy()
+  change = np.abs((ours - base) - (theirs - their_base)).max()
+  print(f'SmolLM2: max abs difference of the logits {np.abs(ours - theirs).max():.2e}, of '
+        f'the adapter\'s change of them {change:.2e} (change up to {np.abs(ours - base).max():.2f})')
+  assert np.abs(ours - base).max() > 0.1
+  np.testing.assert_allclose(ours, theirs, atol=1e-3)  # the base models differ by 2.4e-4
+  assert change < 1e-3

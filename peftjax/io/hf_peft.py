@@ -318,9 +318,9 @@ def _targeted(config: dict, name: str) -> bool:
     return False
   targets = config.get('target_modules')
   if targets == 'all-linear':
-    return not name.endswith(('lm_head', 'classifier', 'pooler.dense'))
-  layers = config.get('layers_to_transform')
-  if layers is not None and listed(targets):
+    return not name.endswith(('lm_head', 'classifier'))  # PEFT leaves the output layer out
+  layers = config.get('layers_to_transform')  # PEFT applies it to lists of names only
+  if layers is not None and not isinstance(targets, str) and listed(targets):
     m = re.match(r'.*?\.[^.]*\.(\d+)\.', name)
     return m is not None and int(m[1]) in ([layers] if isinstance(layers, int) else layers)
   return listed(targets)
