@@ -30,5 +30,9 @@ setuptools.setup(
         'matplotlib>=3.11',
         'tqdm>=4.70',
     ],
-    extras_require={'test': ['pytest>=9.2', 'pytest-xdist>=3.8']},
+    extras_require={
+        'test': ['pytest>=9.2', 'pytest-xdist>=3.8'],
+        # HF PEFT interoperability tests (tests/test_hf_peft.py); never needed at run time.
+        'interop': ['torch==2.13.0', 'transformers>=5.24.0', 'peft>=0.21.2'],
+    },
 )

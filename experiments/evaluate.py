@@ -3,13 +3,16 @@
   python -m experiments.evaluate --workdir=runs/minilm_vader_lora [--config.data.domain=tweets] [--splits=test,val] [--output=FILE]
   python -m experiments.evaluate --config=configs/smollm2_austen.py [--splits=test] [--output=FILE]
   python -m experiments.evaluate --workdir=runs/minilm_vader_adapter --bits=8,4,2,1
+  python -m experiments.evaluate --config=configs/minilm_vader_lora.py --adapter=HF_DIR
 
 With `--workdir`, the config is the run's own (`WORKDIR/config.json`), changed by any
 `--config.KEY=VALUE`, and the adapter is `WORKDIR/adapter`; with a config file alone, its
 model is measured without an adapter (e.g. a pretrained LM's held-out loss). Prints the
 metrics and writes them as JSON to `--output` (default `WORKDIR/eval/DOMAIN.json`, or
 `WORKDIR/eval/metrics.json` for a data set without domains; `runs/eval/CONFIG.json` without a
-workdir).
+workdir). `--adapter=DIR` measures another adapter folder instead: peftjax's, or an HF PEFT
+LoRA adapter (imported by `peftjax.io.hf_peft`; docs/hf_peft.md), on the model of the
+config (or of the run).
 
 With `--bits`, the run's adapter is also quantised after training to each number of bits
 (`pj.low_precision`, Jie et al., 2023), saved to `WORKDIR/eval/bits_K/` and measured; a table
@@ -30,6 +33,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'a finished run: its config.json
 _SPLITS = flags.DEFINE_list('splits', ['test'], 'splits to measure')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON file for the metrics')
 _BITS = flags.DEFINE_list('bits', [], 'also quantise the adapter to these bits (1, 2, 4, 8)')
+_ADAPTER = flags.DEFINE_string('adapter', None, 'an adapter folder to measure instead of '
+                               'WORKDIR/adapter: peftjax\'s or an HF PEFT LoRA adapter')
 
 
 def main(argv):
@@ -41,6 +46,10 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
   config_file = '' if workdir else flags.FLAGS['config'].config_filename
   adapter = workdir / 'adapter' if workdir else None
+  if _ADAPTER.value:
+    if _BITS.value:
+      raise app.UsageError('--bits quantises the run\'s own adapter: drop --adapter')
+    adapter = pathlib.Path(_ADAPTER.value)
   if _BITS.value:
     if workdir is None:
       raise app.UsageError('--bits quantises a trained run\'s adapter: give --workdir')
@@ -54,7 +63,8 @@ def main(argv):
     return
   metrics = cli.run_cleanly(lambda: evaluate_adapter(config, adapter, tuple(_SPLITS.value)))
   domain = config.data.get('domain')
-  out = {'workdir': str(workdir or ''), 'data': config.data.to_dict(), 'metrics': metrics}
+  out = {'workdir': str(workdir or ''), 'adapter': str(adapter or ''),
+         'data': config.data.to_dict(), 'metrics': metrics}
   default = (workdir / 'eval' / f'{domain or "metrics"}.json' if workdir else
              pathlib.Path('runs/eval') / f'{pathlib.Path(config_file).stem}.json')
   path = pathlib.Path(_OUTPUT.value or default)

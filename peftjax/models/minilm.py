@@ -23,6 +23,18 @@ def _model_dir(model_dir) -> pathlib.Path:
   return pathlib.Path(model_dir)
 
 
+# The HF linear modules of a BERT layer (`encoder.layer.{i}.NAME`) and our module paths
+# inside `encoder/layer_{i}`.
+HF_LINEAR = {
+    'attention.self.query': 'attention/query',
+    'attention.self.key': 'attention/key',
+    'attention.self.value': 'attention/value',
+    'attention.output.dense': 'attention/output',
+    'intermediate.dense': 'intermediate',
+    'output.dense': 'output',
+}
+
+
 def hf_name_map(config: BertConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
   """Maps each HF tensor name to (our param path, our expected shape)."""
   h, f = config.hidden_size, config.intermediate_size
@@ -36,17 +48,13 @@ def hf_name_map(config: BertConfig) -> dict[str, tuple[tuple[str, ...], tuple[in
       'embeddings.LayerNorm.weight': (('embeddings', 'norm', 'scale'), (h,)),
       'embeddings.LayerNorm.bias': (('embeddings', 'norm', 'bias'), (h,)),
   }
+  sizes = {'attention.output.dense': (h, h), 'intermediate.dense': (h, f),
+           'output.dense': (f, h)}
   for i in range(config.num_layers):
     hf, ours = f'encoder.layer.{i}', ('encoder', f'layer_{i}')
-    dense = {
-        'attention.self.query': (('attention', 'query'), h, h),
-        'attention.self.key': (('attention', 'key'), h, h),
-        'attention.self.value': (('attention', 'value'), h, h),
-        'attention.output.dense': (('attention', 'output'), h, h),
-        'intermediate.dense': (('intermediate',), h, f),
-        'output.dense': (('output',), f, h),
-    }
-    for name, (path, n_in, n_out) in dense.items():
+    for name, path in HF_LINEAR.items():
+      n_in, n_out = sizes.get(name, (h, h))
+      path = tuple(path.split('/'))
       out[f'{hf}.{name}.weight'] = (ours + path + ('kernel',), (n_in, n_out))
       out[f'{hf}.{name}.bias'] = (ours + path + ('bias',), (n_out,))
     for name, norm in (('attention.output.LayerNorm', 'attention_norm'),

@@ -44,7 +44,9 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding
 
 from peftjax import methods, tasks
+from peftjax.core import paths as P
 from peftjax.core.adapter import frozen_params, num_params, summary
+from peftjax.io import hf_peft
 from peftjax.io.adapter_file import load_adapter, load_head, save_adapter
 from peftjax.io.files import atomic_write_text
 from peftjax.models import Model
@@ -186,7 +188,10 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   if config.head.init:  # e.g. a probe run's adapter: train the head first
     head = load_head(config.head.init, head)
   if config.method.get('init'):  # e.g. a previous stage's adapter: train it further
-    frozen, adapter_state = _saved_adapter(config.method.init, adapter, model.params)
+    adapter, frozen, adapter_state, saved_head = _saved_adapter(config.method.init, adapter,
+                                                                model.params)
+    if saved_head is not None and not config.head.init:  # an imported classifier
+      head = _fitting_head(saved_head, head, config.method.init)
   else:
     calib = task.calibration(head, lambda: itertools.islice(
         task.batches('train', tc.batch_size, seed=config.seed, epoch=0),
@@ -366,7 +371,11 @@ def evaluate_adapter(config, adapter_dir, splits=('test',), *, task=None,
     if head_from is not None:
       head = load_head(head_from, head)
   else:
-    adapter, frozen, state, head, _ = load_adapter(adapter_dir, task.model.params)
+    adapter, frozen, state, head, _ = hf_peft.load_any(adapter_dir, task.model.params)
+    like = task.init_head(jax.random.key(config.seed))
+    if head is None and like:
+      raise ValueError(f'the adapter in {adapter_dir} has no task head (an HF PEFT adapter '
+                       'without modules_to_save); this task needs one')
   tx = S.make_optimizer(config.optimizer, adapter, 1)
   run = prepare(config, task, adapter, frozen, {'adapter': state, 'head': head}, tx)
   return {split: evaluate(task, run.eval_step, run.state.trainable, run.frozen, split,
@@ -375,12 +384,30 @@ def evaluate_adapter(config, adapter_dir, splits=('test',), *, task=None,
 
 
 def _saved_adapter(directory, adapter, params):
-  """`(frozen, state)` of the adapter saved in `directory`, which must be `adapter`'s method."""
+  """`(adapter, frozen, state, head)` of the adapter saved in `directory`: `adapter`'s method,
+  or an HF PEFT LoRA adapter, which trains on as the `lora` it imports as (its targets, ranks,
+  alphas and dropout; the config's method must be lora or rslora). `head`: an imported
+  classifier (`modules_to_save`), else None."""
+  if hf_peft.is_hf_adapter(directory):
+    if adapter.config['method'] != 'lora':
+      raise ValueError(f'method.init: {directory} holds an HF PEFT LoRA adapter, which '
+                       f'continues as lora; the config asks for {adapter.config["method"]}')
+    imported, frozen, state, head, _ = hf_peft.import_adapter(directory, params)
+    return imported, frozen, state, head
   saved, frozen, state, _, _ = load_adapter(directory, params)
   if saved.config != adapter.config:
     raise ValueError(f'method.init: the adapter in {directory} is {saved.config}, but the '
                      f'config asks for {adapter.config}')
-  return frozen, state
+  return adapter, frozen, state, None
+
+
+def _fitting_head(saved, like, directory):
+  """`saved` (a head from an adapter file), checked against the shapes of `like`."""
+  shapes = lambda tree: {k: tuple(np.shape(v)) for k, v in P.flatten(tree).items()}
+  if shapes(saved) != shapes(like):
+    raise ValueError(f'the head in {directory} is {shapes(saved)}; this task\'s head is '
+                     f'{shapes(like)}')
+  return jax.tree.map(jnp.asarray, saved)
 
 
 def _shapes(batch) -> tuple:
