@@ -30,5 +30,14 @@ setuptools.setup(
         'matplotlib>=3.11',
         'tqdm>=4.70',
     ],
-    extras_require={'test': ['pytest>=9.2']},
+    extras_require={'test': [
+        'pytest>=9.2',
+        # the docs site (`mkdocs build --strict`) and the Colab notebooks, run in a kernel
+        'mkdocs>=1.6.1',
+        'mkdocs-material>=9.8.2',
+        'mkdocstrings[python]>=1.0.8',
+        'mkdocstrings-python>=2.0.11',
+        'papermill>=2.7.0',
+        'ipykernel>=7.4.0',
+    ]},
 )
