@@ -138,7 +138,20 @@ def _entry(down, down_bias, up, up_bias) -> dict:
 
 def merge_mosa(adapter: Adapter, state) -> tuple[Adapter, dict]:
   """`(standard adapter, its state)` of a MoSA adapter: the merged modules (module docstring),
-  computing what MoSA's evaluation calls compute."""
+  computing what MoSA's evaluation calls compute.
+
+  Args:
+    adapter: a `mosa` adapter.
+    state: its (trained) state.
+
+  Returns:
+    A `bottleneck_adapter` with MoSA's placement and sizes, and its state: run, save and
+    load it as any bottleneck adapter (the frozen tree is unchanged).
+
+  References:
+    Zhang et al., "MoSA: Mixture of Sparse Adapters for Visual Efficient Tuning", 2023,
+    arXiv:2312.02923.
+  """
   config = _check(adapter)
   make_leaf = _leaf_maker(config)
   return _standard(config), {path: _entry(*make_leaf(path, e).weights())
