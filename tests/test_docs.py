@@ -117,3 +117,15 @@ DOCTESTED = ['peftjax.core.adapter', 'peftjax.core.paths', 'peftjax.core.leaves'
 def test_docstring_examples_run(module):
   result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
   assert result.attempted and not result.failed
+
+
+@pytest.mark.long
+@pytest.mark.parametrize('page', ['index.md', 'methods/low_rank.md', 'methods/sparse.md',
+                                  'methods/other.md', 'extending.md'])
+def test_docs_page_examples_run(page):
+  """Every python block of the page runs as written (on the pretrained MiniLM-L6)."""
+  text = (ROOT / 'docs' / page).read_text()
+  blocks = re.findall(r'```python\n(.*?)```', text, re.S)
+  assert blocks
+  for block in blocks:
+    exec(compile(block, page, 'exec'), {})  # pylint: disable=exec-used

@@ -105,6 +105,10 @@ def graft(targets, finetuned, *, sparsity: float = 0.01, sigmoid_bias: float = 1
       `sparsity_level`).
     sigmoid_bias: the bias inside the sigmoid (official default 10).
     l1: weight of ||γ||_1 in the loss.
+
+  References:
+    Panigrahi et al., "Task-Specific Skill Localization in Fine-tuned Language Models",
+    ICML 2023, arXiv:2302.06600.
   """
   if finetuned is None:
     raise ValueError('graft needs the fine-tuned params: finetuned= a params file, an adapter '

@@ -95,6 +95,10 @@ def mosa(targets, size: int = 64, *, modules: int = 4, active: int = 1, seed: in
   Returns:
     An `Adapter` with state `{module path: {'down', 'down_bias', 'up', 'up_bias' (N, out)}}`;
     `merge_mosa` turns it into a standard adapter. No merged tree (`pj.merge` raises).
+
+  References:
+    Zhang et al., "MoSA: Mixture of Sparse Adapters for Visual Efficient Tuning", 2023,
+    arXiv:2312.02923.
   """
   check_options(placement, activation)
   check_size('MoSA', size)
