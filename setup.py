@@ -31,7 +31,17 @@ setuptools.setup(
         'tqdm>=4.70',
     ],
     extras_require={
-        'test': ['pytest>=9.2', 'pytest-xdist>=3.8'],
+        'test': [
+            'pytest>=9.2',
+            'pytest-xdist>=3.8',
+            # the docs site (`mkdocs build --strict`) and the Colab notebooks, run in a kernel
+            'mkdocs>=1.6.1',
+            'mkdocs-material>=9.8.2',
+            'mkdocstrings[python]>=1.0.8',
+            'mkdocstrings-python>=2.0.11',
+            'papermill>=2.7.0',
+            'ipykernel>=7.4.0',
+        ],
         # HF PEFT interoperability tests (tests/test_hf_peft.py); never needed at run time.
         'interop': ['torch==2.13.0', 'transformers>=5.24.0', 'peft>=0.21.2'],
     },

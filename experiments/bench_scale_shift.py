@@ -9,7 +9,10 @@ the layers compute as `(x @ W) * γ`; `dense`: the same tree materialised inside
 are jitted gradient + Adam steps; rounds interleave them. The forward rows compare the merged
 SSF tree (a plain BERT tree) with the base weights, for the claim that merging costs nothing
 at inference, and show the unmerged tree (`Scaled` leaves: one more product per kernel) for
-what merging saves. Reports the median step time of each over rounds.
+what merging saves. Reports the median step time of each over rounds, whether the merged
+tree compiles to the base weights' very program, and the merged / base forward ratio from
+`--pairs` back-to-back calls of the two (the median of each pair's ratio: robust to a load
+that changes between rounds).
 """
 from __future__ import annotations
 
@@ -40,12 +43,27 @@ def timed(fn, args, steps: int) -> float:
   return float(np.median(times))
 
 
+def paired_ratio(fn, a, b, pairs: int) -> float:
+  """Median over `pairs` of time(fn(b)) / time(fn(a)), the two calls back to back."""
+  jax.block_until_ready((fn(a), fn(b)))
+  ratios = []
+  for i in range(pairs):
+    seconds = {}
+    for name, arg in ((('a', a), ('b', b)) if i % 2 else (('b', b), ('a', a))):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(arg))
+      seconds[name] = time.perf_counter() - start
+    ratios.append(seconds['b'] / seconds['a'])
+  return float(np.median(ratios))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--seq_len', type=int, default=64)
+  parser.add_argument('--pairs', type=int, default=20)
   args = parser.parse_args()
 
   module = Bert(MINILM)
@@ -93,6 +111,10 @@ def main():
   print(f'structured / dense step time: {structured / dense:.2f}; forward / base forward: '
         f'merged {medians["forward, merged SSF weights"] / base:.3f}, unmerged '
         f'{medians["forward, unmerged SSF (Scaled leaves)"] / base:.3f}')
+  same = forward.lower(merged).as_text() == forward.lower(params).as_text()
+  print(f'merged SSF forward: the base weights\' compiled program: {"yes" if same else "no"}; '
+        f'time / base, median of {args.pairs} back-to-back pairs: '
+        f'{paired_ratio(forward, params, merged, args.pairs):.3f}')
 
 
 if __name__ == '__main__':

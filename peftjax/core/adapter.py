@@ -42,7 +42,61 @@ class Guide(NamedTuple):
 
 
 class Adapter(NamedTuple):
-  """A fine-tuning method. `config` is JSON-able and rebuilds it (see `methods.from_config`)."""
+  """A fine-tuning method: pure functions over a Flax param tree and the JSON that rebuilds it.
+
+  Only `init`, `apply` and `config` are required; the rest default to None (not used). The
+  trainer, `summary`, `merge`, `chain`, `save_adapter` / `load_adapter` and the sharding of
+  state and optimiser leaves work for any method that follows this contract.
+
+  Attributes:
+    init: `init(rng, params, *, calib=None) -> (frozen, state)`. `frozen` is the tree the
+      model keeps (`params`, or re-based: e.g. PiSSA's residual, `SparseDelta` leaves);
+      `state` is the trainable tree, by convention a dict keyed by the slash path of the
+      param each entry adapts. `calib` is a `Calibration` (data-initialised methods).
+    apply: `apply(frozen, state) -> params`: the tree the model runs with; only `state` is
+      differentiated. Return a structured leaf (`LowRank`, `SparseDelta`, `Scaled`) where it
+      saves compute, a plain array otherwise.
+    config: JSON-able `{'method': NAME, **kwargs}`; `from_config(config)` rebuilds the method
+      (its name must be in `REGISTRY`), and adapter files store it.
+    loss: `loss(state) -> scalar`: a regulariser added to the training loss (e.g. SORSA's
+      orthonormality); see `regularizer`.
+    tx: an optax transform of the state's gradients, run after clipping and before the
+      optimiser, or `tx(peak_lr) -> transform` (e.g. LoRA-Pro); see `transform`.
+    unmerge: `unmerge(merged, state) -> frozen`, where the method is invertible; see `unmerge`.
+    describe: `describe(frozen, state) -> {path: {'shape': [...], 'trainable': n, ...}}`:
+      per-target rows for `summary` and adapter files (extra keys become columns, e.g. rank).
+    codec: a `Codec` storing the state in files in another form (mask tuning's bit-packed
+      masks); None: its arrays as they are.
+    guide: a `Guide`: a second gradient from the gap between the adapted model's predictions
+      and a reference model's (mask tuning's gradient dropout).
+
+  Example:
+    A new method: a learned offset added to each targeted kernel (invertible, so it unmerges).
+
+    >>> import jax, jax.numpy as jnp
+    >>> import peftjax as pj
+    >>> def offset(targets):
+    ...   def init(rng, params, *, calib=None):
+    ...     flat = pj.flatten(params)
+    ...     return params, {p: jnp.zeros_like(flat[p]) for p in pj.select(flat, targets)}
+    ...   def apply(frozen, state):
+    ...     flat = pj.flatten(frozen)
+    ...     return pj.unflatten({**flat, **{p: flat[p] + d for p, d in state.items()}})
+    ...   def unmerge(merged, state):
+    ...     return apply(merged, {p: -d for p, d in state.items()})
+    ...   return pj.Adapter(init, apply, {'method': 'offset', 'targets': targets},
+    ...                     unmerge=unmerge)
+    >>> params = {'query': {'kernel': jnp.ones((4, 4))}, 'out': {'kernel': jnp.ones((4, 2))}}
+    >>> adapter = offset(['query/kernel'])
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> sorted(state)
+    ['query/kernel']
+    >>> pj.merge(adapter, frozen, state)['query']['kernel'].shape
+    (4, 4)
+
+    Register it in `peftjax.methods.REGISTRY` so that configs (`method.name`) and
+    `load_adapter` find it by name.
+  """
   init: Callable[..., tuple[Any, Any]]
   apply: Callable[[Any, Any], Any]
   config: dict
@@ -64,9 +118,24 @@ class NotMergeableError(TypeError):
 def merge(adapter: Adapter, frozen, state):
   """A plain Flax tree (no structured leaves) equal to what the model runs with.
 
+  Args:
+    adapter: the method.
+    frozen, state: what `adapter.init` returned (the state trained or not).
+
+  Returns:
+    `materialize(adapter.apply(frozen, state))`: plain arrays, nothing of peftjax inside.
+
   Raises:
     NotMergeableError: the method inserts modules (bottleneck adapters, MoSA), which no
       weight of the model can hold.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'dense': {'kernel': jnp.ones((4, 4))}}
+    >>> adapter = pj.lora('dense/kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> type(pj.merge(adapter, frozen, state)['dense']['kernel']).__name__
+    'ArrayImpl'
   """
   params = adapter.apply(frozen, state)
   modules = inserted_modules(params)
@@ -86,19 +155,50 @@ def inserted_modules(tree) -> list[str]:
 
 
 def unmerge(adapter: Adapter, merged, state):
-  """Recovers the frozen tree from a merged one, where the method is invertible."""
+  """Recovers the frozen tree from a merged one, where the method is invertible.
+
+  Args:
+    adapter: the method that merged it.
+    merged: `merge(adapter, frozen, state)` (or a tree of the same structure).
+    state: the state it was merged with.
+
+  Returns:
+    The frozen tree (up to float rounding).
+
+  Raises:
+    NotImplementedError: the method has no `unmerge` (e.g. `full`, which replaces weights).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'dense': {'kernel': jnp.ones((4, 4))}}
+    >>> adapter = pj.lora('dense/kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> back = pj.unmerge(adapter, pj.merge(adapter, frozen, state), state)
+    >>> bool(jnp.allclose(back['dense']['kernel'], 1.0))
+    True
+  """
   if adapter.unmerge is None:
     raise NotImplementedError(f"method {adapter.config.get('method')!r} cannot be unmerged")
   return adapter.unmerge(merged, state)
 
 
 def regularizer(adapter: Adapter, state) -> jax.Array:
-  """The method's loss term (0 if it has none)."""
+  """The method's loss term, `adapter.loss(state)`, added to the training loss.
+
+  Returns:
+    A float32 scalar; 0 if the method has no `loss`.
+  """
   return adapter.loss(state) if adapter.loss is not None else jnp.zeros((), jnp.float32)
 
 
 def transform(adapter: Adapter, lr: float) -> optax.GradientTransformation | None:
-  """The method's gradient transform for an optimiser whose peak learning rate is `lr`."""
+  """The method's gradient transform for an optimiser whose peak learning rate is `lr`.
+
+  Returns:
+    `adapter.tx(lr)` if `tx` is a function of the learning rate, else `adapter.tx` (an optax
+    transform, or None: no transform). The trainer chains it after gradient clipping and
+    before the optimiser.
+  """
   return adapter.tx(lr) if callable(adapter.tx) else adapter.tx
 
 
@@ -110,7 +210,25 @@ def is_entry(x, keys) -> bool:
 
 
 def partition(tree, patterns) -> tuple[dict[str, Any], dict]:
-  """Splits `tree` into `({path: leaf} matched by patterns, the rest as a nested tree)`."""
+  """Splits `tree` by target patterns.
+
+  Args:
+    tree: a nested param tree.
+    patterns: a regex or regexes searched in slash paths.
+
+  Returns:
+    `(selected, rest)`: `{path: leaf}` of the leaves a pattern matches, and the other leaves
+    as a nested tree. `combine(selected, rest)` is `tree` again.
+
+  Raises:
+    PatternError: a pattern matches no path.
+
+  Example:
+    >>> import peftjax as pj
+    >>> chosen, rest = pj.partition({'a': {'kernel': 1, 'bias': 2}}, 'kernel')
+    >>> chosen, rest
+    ({'a/kernel': 1}, {'a': {'bias': 2}})
+  """
   flat = P.flatten(tree)
   chosen = set(P.select(flat, patterns))
   return ({p: v for p, v in flat.items() if p in chosen},
@@ -118,11 +236,24 @@ def partition(tree, patterns) -> tuple[dict[str, Any], dict]:
 
 
 def combine(selected: dict[str, Any], rest) -> dict:
-  """Inverse of `partition`."""
+  """Inverse of `partition`: the nested tree of `rest` with the `{path: leaf}` of `selected`.
+
+  Example:
+    >>> import peftjax as pj
+    >>> pj.combine({'a/kernel': 1}, {'a': {'bias': 2}})
+    {'a': {'bias': 2, 'kernel': 1}}
+  """
   return P.unflatten({**P.flatten(rest), **selected})
 
 
 def num_params(tree) -> int:
+  """The number of entries of every array in `tree` (e.g. a state's trainable parameters).
+
+  Example:
+    >>> import numpy as np, peftjax as pj
+    >>> pj.num_params({'a': np.zeros((3, 4)), 'b': np.zeros(5)})
+    17
+  """
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
@@ -137,7 +268,28 @@ def chain(*adapters: Adapter) -> Adapter:
   """Applies methods in order: `apply_n(... apply_1(frozen, s_1) ..., s_n)`.
 
   Only the first method may re-base the frozen tree; later ones adapt the output of the
-  earlier ones. The state is a tuple with one entry per method.
+  earlier ones. The chain's losses add up, its transforms apply to each method's own state
+  (`optax.multi_transform`), it unmerges where every method does, and at most one method may
+  have a `guide`.
+
+  Args:
+    *adapters: the methods, in the order they apply.
+
+  Returns:
+    An `Adapter` whose state is a tuple with one entry per method and whose config is
+    `{'method': 'chain', 'adapters': [each config]}`.
+
+  Raises:
+    ValueError: no method given, or more than one guided method; at `init`, a method after
+      the first re-based the frozen tree.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'q': {'kernel': jnp.ones((4, 4))}, 'v': {'kernel': jnp.ones((4, 4))}}
+    >>> both = pj.chain(pj.lora('q/kernel', rank=2), pj.full('v/kernel'))
+    >>> frozen, states = both.init(jax.random.key(0), params)
+    >>> len(states), both.config['method']
+    (2, 'chain')
   """
   if not adapters:
     raise ValueError('chain needs at least one method')
@@ -243,7 +395,25 @@ def describe_targets(adapter: Adapter, frozen, state) -> dict[str, dict]:
 
 
 def summary(adapter: Adapter, frozen, state, head=None, max_rows: int = 48) -> str:
-  """A table of adapted parameters and the trainable / total parameter counts."""
+  """A table of adapted parameters and the trainable / total parameter counts.
+
+  Args:
+    adapter, frozen, state: a method and what its `init` returned.
+    head: the task's trainable params beside the adapter, counted as trainable.
+    max_rows: targets listed before the table says how many more there are.
+
+  Returns:
+    The table as text: one row per target (shape, trainable count and the method's
+    `describe` columns, e.g. rank), then `trainable params: N || all params: M ||
+    trainable%: P`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> adapter = pj.lora('kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), {'dense': {'kernel': jnp.ones((4, 4))}})
+    >>> print(pj.summary(adapter, frozen, state).splitlines()[-1])
+    trainable params: 16 || all params: 32 || trainable%: 50.0000
+  """
   rows = describe_targets(adapter, frozen, state)
   extra_keys = sorted({k for info in rows.values() for k in info} - {'shape', 'trainable'})
   width = max([len(p) for p in rows] + [len('target')])

@@ -43,7 +43,16 @@ class _OnWeight:
 class LowRank(_OnWeight):
   """The weight `w + (a @ b) * scale`; `dropout` is applied to the input of the `a @ b` path.
 
-  `w` is (in, out) or another leaf, `a` is (in, r), `b` is (r, out).
+  `w` is (in, out) or another leaf, `a` is (in, r), `b` is (r, out). `dense` computes
+  `x @ w + (x @ a) @ b * scale` without forming the full-size weight or its gradient: what
+  LoRA and the methods built on it (`methods.low_rank`) return from `apply`.
+
+  Example:
+    >>> import numpy as np, peftjax as pj
+    >>> leaf = pj.LowRank(np.eye(3, dtype=np.float32), np.ones((3, 1), np.float32),
+    ...                     np.ones((1, 3), np.float32), 0.5)
+    >>> pj.materialize(leaf)[0]
+    Array([1.5, 0.5, 0.5], dtype=float32)
   """
 
   def __init__(self, w, a, b, scale: float, dropout: float = 0.0):
@@ -146,7 +155,15 @@ def is_structured(x: Any) -> bool:
 
 
 def materialize(tree):
-  """Evaluates every structured leaf of `tree` into a plain array (dropout is not applied)."""
+  """Evaluates every structured leaf of `tree` into a plain array (dropout is not applied).
+
+  Args:
+    tree: any param tree, possibly holding `LowRank`, `SparseDelta` or `Scaled` leaves.
+
+  Returns:
+    The same tree with plain arrays in their place (other leaves unchanged). `merge` is
+    `materialize(adapter.apply(frozen, state))` for methods that insert no modules.
+  """
   return jax.tree.map(_to_array, tree, is_leaf=is_structured)
 
 
@@ -161,8 +178,24 @@ def _to_array(x):
 def dense(x, kernel, rng=None):
   """`x @ kernel` for a plain or structured kernel; `rng` enables adapter dropout (training).
 
-  Leading axes are folded into one first: XLA:CPU differentiates 2-D products with far less
-  data movement than batched ones (the rank-r weight gradients became ~2x cheaper).
+  The matmul for layers of your own (the stock `flax.linen` layers call it inside
+  `structured_layers`). Leading axes are folded into one first: XLA:CPU differentiates 2-D
+  products with far less data movement than batched ones.
+
+  Args:
+    x: [..., in] inputs.
+    kernel: an (in, out) array or a `LowRank`, `SparseDelta` or `Scaled` leaf.
+    rng: a PRNG key for the leaf's dropout (training only); None: no dropout.
+
+  Returns:
+    [..., out] outputs.
+
+  Example:
+    >>> import numpy as np, peftjax as pj
+    >>> leaf = pj.LowRank(np.eye(3, dtype=np.float32), np.ones((3, 1), np.float32),
+    ...                     np.ones((1, 3), np.float32), 0.5)
+    >>> pj.dense(np.ones((2, 3)), leaf).shape
+    (2, 3)
   """
   lead = x.shape[:-1]
   y = _dense2d(x.reshape(-1, x.shape[-1]), kernel, rng)

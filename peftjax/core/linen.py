@@ -35,14 +35,49 @@ from peftjax.core import paths as P
 
 @contextlib.contextmanager
 def structured_layers():
-  """Runs the `flax.linen` layers of the enclosed applies with structured kernels."""
+  """Runs the `flax.linen` layers of the enclosed applies with structured kernels.
+
+  Inside it, `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum` and `nn.Embed` of any model compute
+  `LowRank`, `SparseDelta` and `Scaled` leaves from their parts, and modules that methods
+  insert (bottleneck adapters, prompts) run around their targets' calls; outside it, Linen
+  sees only plain arrays.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, peftjax as pj
+    >>> layer = nn.Dense(3)
+    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> adapter = pj.lora('kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> with pj.structured_layers():
+    ...   y = layer.apply({'params': adapter.apply(frozen, state)}, jnp.ones((1, 4)))
+    >>> y.shape
+    (1, 3)
+  """
   with nn.intercept_methods(_interceptor):
     yield
 
 
 def apply(module: nn.Module, params, *args, rng=None, **kwargs):
   """`module.apply({'params': params}, *args, **kwargs)` with structured kernels, and a
-  'dropout' rng if `rng` is given."""
+  'dropout' rng if `rng` is given.
+
+  Args:
+    module: any `flax.linen` module.
+    params: its params, plain or as an adapter's `apply` returned them.
+    *args, **kwargs: the module's call arguments.
+    rng: the 'dropout' PRNG key of a training call; None for inference.
+
+  Returns:
+    What the module returns.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, peftjax as pj
+    >>> layer = nn.Dense(3)
+    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> frozen, state = pj.lora('kernel', rank=2).init(jax.random.key(0), params)
+    >>> pj.apply(layer, pj.lora('kernel', rank=2).apply(frozen, state), jnp.ones((1, 4))).shape
+    (1, 3)
+  """
   with structured_layers():
     return module.apply({'params': params}, *args,
                         rngs=None if rng is None else {'dropout': rng}, **kwargs)

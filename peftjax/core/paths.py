@@ -30,7 +30,13 @@ def path_str(key_path) -> str:
 
 def flatten(tree) -> dict[str, Any]:
   """`{'a/b/kernel': leaf}` for every leaf of `tree` (structured leaves and inserted modules,
-  `bottleneck.Inserted` (a `Bottleneck`, prompts), count as one leaf)."""
+  `bottleneck.Inserted` (a `Bottleneck`, prompts), count as one leaf).
+
+  Example:
+    >>> import peftjax as pj
+    >>> pj.flatten({'encoder': {'query': {'kernel': 1, 'bias': 2}}})
+    {'encoder/query/bias': 2, 'encoder/query/kernel': 1}
+  """
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
   return {path_str(kp): leaf for kp, leaf in flat}
 
@@ -40,7 +46,13 @@ def _is_leaf(x) -> bool:
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
-  """Inverse of `flatten` for trees of nested dicts."""
+  """Inverse of `flatten` for trees of nested dicts.
+
+  Example:
+    >>> import peftjax as pj
+    >>> pj.unflatten({'encoder/query/kernel': 1})
+    {'encoder': {'query': {'kernel': 1}}}
+  """
   tree: dict = {}
   for path, leaf in flat.items():
     node = tree
@@ -54,8 +66,21 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 def select(paths: Iterable[str], patterns, *, what: str = 'parameter') -> list[str]:
   """Paths in which any regex of `patterns` is found (`re.search`), in input order.
 
-  Every pattern must match at least one path; one that matches nothing raises a
-  `PatternError` naming the closest available paths.
+  Args:
+    paths: slash paths (e.g. the keys of `flatten(params)`).
+    patterns: a regex or a sequence of them, e.g. `'attention/(query|value)/kernel'`.
+    what: the noun the error message uses for a path.
+
+  Returns:
+    The matching paths.
+
+  Raises:
+    PatternError: a pattern matches no path; the message names the closest available paths.
+
+  Example:
+    >>> import peftjax as pj
+    >>> pj.select(['layer_0/query/kernel', 'layer_0/key/kernel'], 'query')
+    ['layer_0/query/kernel']
   """
   paths = list(paths)
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)

@@ -42,7 +42,28 @@ class AdapterFileError(ValueError):
 
 def save_adapter(directory, adapter: Adapter, frozen, state, *, head=None,
                  base_model: str | None = None) -> pathlib.Path:
-  """Writes the adapter (atomically) and returns the weights file's path."""
+  """Writes the adapter alone (atomically): `adapter.safetensors` and `adapter_config.json`.
+
+  Args:
+    directory: the adapter's folder (created if needed).
+    adapter, frozen, state: a method and its (trained) state, as `adapter.init` gave them.
+    head: the task's trainable params beside the adapter, saved with it.
+    base_model: an id of the base model, recorded in the config.
+
+  Returns:
+    The path of `adapter.safetensors`.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'dense': {'kernel': jnp.ones((4, 4))}}
+    >>> adapter = pj.lora('kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> folder = tempfile.mkdtemp()
+    >>> pj.save_adapter(folder, adapter, frozen, state).name
+    'adapter.safetensors'
+    >>> pj.load_adapter(folder, params)[4]['method']['method']
+    'lora'
+  """
   stored = adapter.codec.encode(state) if adapter.codec is not None else state
   tensors = {f'state/{k}': np.asarray(v) for k, v in P.flatten(stored).items()}
   tensors |= {f'head/{k}': np.asarray(v) for k, v in P.flatten(head or {}).items()}
@@ -81,7 +102,18 @@ def _read_tensors(directory: pathlib.Path) -> dict:
 
 
 def load_head(directory, like) -> dict:
-  """The task head saved with the adapter in `directory`, checked against `like`'s shapes."""
+  """The task head saved with the adapter in `directory`, checked against `like`'s shapes.
+
+  Args:
+    directory: an adapter folder written by `save_adapter`.
+    like: a head of the task's shapes (e.g. `task.init_head(rng)`).
+
+  Returns:
+    The saved head, with `like`'s structure.
+
+  Raises:
+    AdapterFileError: no adapter there, or a head of other params or shapes.
+  """
   directory = pathlib.Path(directory)
   read_adapter_config(directory)
   tensors = _read_tensors(directory)
@@ -98,7 +130,32 @@ def load_head(directory, like) -> dict:
 
 
 def load_adapter(directory, params, *, rng=None):
-  """Loads an adapter for `params`: returns `(adapter, frozen, state, head, meta)`."""
+  """Loads an adapter for `params`: the method rebuilt from its config, and its state.
+
+  Args:
+    directory: an adapter folder written by `save_adapter`.
+    params: the base model's params (the method's `init` runs on them again).
+    rng: the key of that `init` (state is read from the file, so it rarely matters).
+
+  Returns:
+    `(adapter, frozen, state, head, meta)`: `meta` is the parsed `adapter_config.json`
+    (method config, targets with shapes, base model id).
+
+  Raises:
+    AdapterFileError: no adapter there, a corrupt file, a method it cannot rebuild, or params
+      of other shapes than those it was trained for.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'dense': {'kernel': jnp.ones((4, 4))}}
+    >>> adapter = pj.lora('kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = pj.save_adapter(folder, adapter, frozen, state)
+    >>> adapter, frozen, state, head, meta = pj.load_adapter(folder, params)
+    >>> list(state)
+    ['dense/kernel']
+  """
   directory = pathlib.Path(directory)
   meta = read_adapter_config(directory)
   flat_params = P.flatten(params)

@@ -37,7 +37,24 @@ REGISTRY |= {'low_precision': low_precision}
 
 
 def from_config(config: dict) -> Adapter:
-  """The method that `config` (an `Adapter.config`) describes."""
+  """The method that `config` (an `Adapter.config`) describes.
+
+  Args:
+    config: `{'method': NAME, **kwargs}` with NAME in `REGISTRY` or 'chain'
+      (`{'method': 'chain', 'adapters': [configs]}`).
+
+  Returns:
+    `REGISTRY[NAME](**kwargs)`.
+
+  Raises:
+    ValueError: an unknown method name.
+
+  Example:
+    >>> import peftjax as pj
+    >>> adapter = pj.from_config({'method': 'lora', 'targets': 'query/kernel', 'rank': 4})
+    >>> pj.from_config(adapter.config).config == adapter.config
+    True
+  """
   config = dict(config)
   name = config.pop('method', None)
   if name == 'chain':

@@ -148,6 +148,10 @@ def bottleneck_adapter(targets, size: int = 64, *, placement: str = 'sequential'
 
   Example:
     adapter = pj.bottleneck_adapter([r'attention/output$', r'layer_\\d+/output$'], size=32)
+
+  References:
+    Houlsby et al., 2019, arXiv:1902.00751 (sequential); He et al., 2022,
+    arXiv:2110.04366 (parallel); Cappellazzo et al., 2023, arXiv:2307.03641 (the residual).
   """
   check_options(placement, activation)
   check_size('adapter', size)

@@ -92,7 +92,7 @@ def corda(targets, rank: int = 8, *, mode: str = 'kpm', alpha: float | None = No
           damping: float = 0.01, rank_pattern: dict | None = None,
           dropout: float = 0.0) -> Adapter:
   """CorDA: "CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for
-  Task-Aware Parameter-Efficient Fine-tuning" (Yang et al., 2024).
+  Task-Aware Parameter-Efficient Fine-tuning" (Yang et al., 2024, arXiv:2406.05223).
 
   With the input covariance C = X^T X / n (damped: C~ = C + damping * mean(diag C) * I, as
   the reference implementation's first try), the paper's SVD of W C (W out x in) is, for a
@@ -158,7 +158,7 @@ def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
         whiten: bool = False, adjust_scaling_factors: bool = False,
         max_rows: int | None = None, dropout: float = 0.0) -> Adapter:
   """EVA: "One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation"
-  (Paischer et al., 2024).
+  (Paischer et al., 2024, arXiv:2410.07170).
 
   Per target, the SVD of a sample of its centred input rows (`calib.activations`, at most
   `max_rows`; the stacked sample stands in for the paper's incremental SVD over minibatches)
@@ -215,7 +215,8 @@ LORA_GA_DIRECTIONS = ('ArB2r', 'A2rBr')
 def lora_ga(targets, rank: int = 8, alpha: float = 16.0, *, direction: str = 'ArB2r',
             stable_gamma: float | None = 16.0, rslora: bool = False,
             rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
-  """LoRA-GA: "LoRA-GA: Low-Rank Adaptation with Gradient Approximation" (Wang et al., 2024).
+  """LoRA-GA: "LoRA-GA: Low-Rank Adaptation with Gradient Approximation" (Wang et al., 2024,
+  arXiv:2407.05000).
 
   G = dL/dW averaged over the calibration batches (`calib.gradient`). In the paper's torch
   layout (G out x in = U S V^T, B out x r, A r x in), direction 'ArB2r' (the official default)

@@ -13,7 +13,22 @@ NORM_PARAMS = r'(?:^|/)(?:scale|bias)$'  # what a norm holds (ln_tuning's target
 
 
 def full(targets=('.*',)) -> Adapter:
-  """Trains the parameters matched by `targets` directly (all of them by default)."""
+  """Full fine-tuning of the parameters matched by `targets` (all of them by default).
+
+  Args:
+    targets: regexes searched in slash paths.
+
+  Returns:
+    An `Adapter` whose state is `{path: array}` of the matched params (they replace the
+    frozen ones in `apply`), the rest frozen.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.zeros(2)}}
+    >>> frozen, state = pj.full('bias').init(jax.random.key(0), params)
+    >>> list(state)
+    ['dense/bias']
+  """
   targets = [targets] if isinstance(targets, str) else list(targets)
 
   def init(rng, params, *, calib=None):
@@ -29,7 +44,17 @@ def full(targets=('.*',)) -> Adapter:
 
 
 def probe() -> Adapter:
-  """Trains nothing in the model: only a task head on top of it learns (a linear probe)."""
+  """Trains nothing in the model: only a task head on top of it learns (a linear probe).
+
+  Returns:
+    An `Adapter` with an empty state; the task's head (`head.kind` 'linear' or efficient
+    probing's 'attentive', `peftjax.tasks.heads`) is what trains.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> pj.probe().init(jax.random.key(0), {'w': jnp.ones(2)})[1]
+    {}
+  """
   return Adapter(init=lambda rng, params, *, calib=None: (params, {}),
                  apply=lambda frozen, state: frozen, config={'method': 'probe'},
                  unmerge=lambda merged, state: merged)

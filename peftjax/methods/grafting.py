@@ -105,6 +105,10 @@ def graft(targets, finetuned, *, sparsity: float = 0.01, sigmoid_bias: float = 1
       `sparsity_level`).
     sigmoid_bias: the bias inside the sigmoid (official default 10).
     l1: weight of ||γ||_1 in the loss.
+
+  References:
+    Panigrahi et al., "Task-Specific Skill Localization in Fine-tuned Language Models",
+    ICML 2023, arXiv:2302.06600.
   """
   if finetuned is None:
     raise ValueError('graft needs the fine-tuned params: finetuned= a params file, an adapter '
@@ -163,7 +167,22 @@ def binarized_graft(adapter: Adapter, frozen, state, *, fraction: float | None =
   """`(params, used)`: the tree grafting a binary mask, and the fraction of the targeted
   entries it takes from θ_ft. fraction=None rounds γ (γ > 1/2, as the official code
   evaluates); a number keeps that fraction (rounded down) of the targeted entries with the
-  largest γ."""
+  largest γ.
+
+  Args:
+    adapter, frozen, state: a `graft` adapter and its (trained) scores.
+    fraction: None, or the share in [0, 1] of targeted entries to graft.
+
+  Returns:
+    `(params, used)`: a plain tree and the grafted fraction of the targeted entries.
+
+  Raises:
+    ValueError: not a graft adapter, or a fraction outside [0, 1].
+
+  References:
+    Panigrahi et al., "Task-Specific Skill Localization in Fine-tuned Language Models",
+    ICML 2023, arXiv:2302.06600.
+  """
   if adapter.config.get('method') != 'graft':
     raise ValueError(f"binarized_graft needs a graft adapter, got {adapter.config.get('method')!r}")
   scores = {p: np.asarray(s, np.float32) for p, s in state.items()}

@@ -122,7 +122,12 @@ def hft(blocks: str = BLOCKS, seed: int = 0, *, categories: dict | None = None,
         train_rest: bool = True) -> Adapter:
   """Half fine-tuning (module docstring): per block (`blocks`, a regex) and per category
   (`categories`, `{name: regex}` on the path after the block), half of the matrices train,
-  drawn by `seed`; parameters outside every block train if `train_rest`."""
+  drawn by `seed`; parameters outside every block train if `train_rest`.
+
+  References:
+    Hui et al., "HFT: Half Fine-Tuning for Large Language Models", ACL 2025,
+    arXiv:2404.18466.
+  """
   if not isinstance(seed, int) or isinstance(seed, bool):
     raise ValueError(f'hft seed must be an int, got {seed!r}')
   if not isinstance(blocks, str):

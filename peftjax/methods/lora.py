@@ -54,6 +54,25 @@ def lora(targets, rank: int = 8, alpha: float = 16.0, *, dropout: float = 0.0,
     dropout: dropout on the input of the adapter path (training only).
     rank_pattern, alpha_pattern: `{regex: value}` overrides, first match wins.
     init_a, init_b: one of `INITS`; B = 0 (the default) leaves the model unchanged at init.
+
+  Returns:
+    An `Adapter` whose state is `{path: {'a': (in, r), 'b': (r, out)}}` and whose `apply`
+    returns `LowRank` leaves; invertible (`unmerge`).
+
+  Raises:
+    ValueError: an unknown init. `init` raises `PatternError` for a target that matches
+      nothing.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'query': {'kernel': jnp.ones((8, 8))}}
+    >>> adapter = pj.lora('query/kernel', rank=2, alpha=4)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> state['query/kernel']['a'].shape, state['query/kernel']['b'].shape
+    ((8, 2), (2, 8))
+
+  References:
+    Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021, arXiv:2106.09685.
   """
   for kind in (init_a, init_b):
     if kind not in INITS:
@@ -81,5 +100,14 @@ def lora(targets, rank: int = 8, alpha: float = 16.0, *, dropout: float = 0.0,
 
 
 def rslora(targets, rank: int = 8, alpha: float = 16.0, **kwargs) -> Adapter:
-  """rsLoRA: LoRA scaled by alpha / sqrt(r)."""
+  """rsLoRA: LoRA scaled by alpha / sqrt(r).
+
+  "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (Kalajdzievski, 2023,
+  arXiv:2312.03732). Arguments and result as `lora` with `rslora=True`.
+
+  Example:
+    >>> import peftjax as pj
+    >>> pj.rslora('attention/query/kernel', rank=16).config['rslora']
+    True
+  """
   return lora(targets, rank, alpha, rslora=True, **kwargs)

@@ -27,9 +27,23 @@ def lora_pro(targets, rank: int = 8, alpha: float = 16.0, *, x_mode: str = 'sylv
              damping: float = 1e-8, **lora_kwargs) -> Adapter:
   """LoRA (same arguments as `methods.lora`) trained with LoRA-Pro's adjusted gradients.
 
+  "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?" (Wang & Liang, 2024,
+  arXiv:2407.18242): the factor gradients are replaced (`Adapter.tx`) by those whose
+  low-rank step best approximates the full-gradient step.
+
   Args:
+    targets, rank, alpha, **lora_kwargs: as `lora`.
     x_mode: 'sylvester' (the paper's Theorem 2.2) or 'zero'; see `optim.lora_pro`.
     damping: ε added to AᵀA and BBᵀ before inverting.
+
+  Returns:
+    LoRA's `Adapter` with a `tx` that adjusts the factor gradients.
+
+  Example:
+    >>> import peftjax as pj
+    >>> adapter = pj.lora_pro('attention/(query|value)/kernel', rank=8)
+    >>> adapter.config['method'], adapter.tx is not None
+    ('lora_pro', True)
   """
   base = lora(targets, rank, alpha, **lora_kwargs)
   config = {**base.config, 'method': 'lora_pro', 'x_mode': x_mode, 'damping': damping}

@@ -105,6 +105,10 @@ def mask_tuning(targets, *, scale: float = 1e-2, threshold: float = 5e-3,
       0, less keeps 1 - lambda of it; 0 switches gradient dropout off (no guide).
     temperature, alpha: T (GDR_T) and the teacher fusion (FUSE_ALPHA) of the divergence.
     reg: weight of the sum of the scores' L2 norms added to the loss (0: none).
+
+  References:
+    Zheng et al., "Regularized Mask Tuning: Uncovering Hidden Knowledge in Pre-trained
+    Vision-Language Models" (R-AMT), ICCV 2023, arXiv:2307.15049.
   """
   if not scale > threshold:
     raise ValueError(f'mask_tuning needs scale > threshold (masks start on), got scale '

@@ -95,6 +95,10 @@ def mosa(targets, size: int = 64, *, modules: int = 4, active: int = 1, seed: in
   Returns:
     An `Adapter` with state `{module path: {'down', 'down_bias', 'up', 'up_bias' (N, out)}}`;
     `merge_mosa` turns it into a standard adapter. No merged tree (`pj.merge` raises).
+
+  References:
+    Zhang et al., "MoSA: Mixture of Sparse Adapters for Visual Efficient Tuning", 2023,
+    arXiv:2312.02923.
   """
   check_options(placement, activation)
   check_size('MoSA', size)
@@ -138,7 +142,20 @@ def _entry(down, down_bias, up, up_bias) -> dict:
 
 def merge_mosa(adapter: Adapter, state) -> tuple[Adapter, dict]:
   """`(standard adapter, its state)` of a MoSA adapter: the merged modules (module docstring),
-  computing what MoSA's evaluation calls compute."""
+  computing what MoSA's evaluation calls compute.
+
+  Args:
+    adapter: a `mosa` adapter.
+    state: its (trained) state.
+
+  Returns:
+    A `bottleneck_adapter` with MoSA's placement and sizes, and its state: run, save and
+    load it as any bottleneck adapter (the frozen tree is unchanged).
+
+  References:
+    Zhang et al., "MoSA: Mixture of Sparse Adapters for Visual Efficient Tuning", 2023,
+    arXiv:2312.02923.
+  """
   config = _check(adapter)
   make_leaf = _leaf_maker(config)
   return _standard(config), {path: _entry(*make_leaf(path, e).weights())

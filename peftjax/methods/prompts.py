@@ -259,6 +259,9 @@ def vpt(targets, length: int = 10, *, width: int | None = None, fan_in: int | st
 
   Example:
     deep = pj.vpt(r'encoder/layer_\\d+$', 10, width=64, fan_in='embeddings/patch/kernel$')
+
+  References:
+    Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119.
   """
   _check('VPT', length, mask, dropout)
   config = dict(method='vpt', targets=target_list(targets), length=length, width=width,
@@ -312,6 +315,10 @@ def dvpt(targets, length: int = 10, size: int = 20, *, shared: bool = False,
   Returns:
     An `Adapter` with state `{block path (or 'shared'): {'tokens' (P, r), 'down', 'down_bias',
     'up', 'up_bias'}}`; no merged tree.
+
+  References:
+    He et al., "DVPT: Dynamic Visual Prompt Tuning of Large Pre-trained Models for
+    Medical Image Analysis", 2023, arXiv:2307.09787.
   """
   _check('DVPT', length, mask, dropout)
   if activation not in ACTIVATIONS:

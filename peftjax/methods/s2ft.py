@@ -366,7 +366,12 @@ def s2ft(num_heads: int | None = None, *, v_ratio: float = 0.0, o_ratio: float =
          u_ratio: float = 0.0, d_ratio: float = 0.02, layout='auto', seed: int = 0) -> Adapter:
   """S²FT on the blocks of `layout` ('auto': BERT or LLaMA by their param paths, or a dict
   like `LAYOUTS`'): trains the rows of W_o / W_down and the columns of W_v / W_up of randomly
-  selected heads (`num_heads`: the model's query heads) and channels (module docstring)."""
+  selected heads (`num_heads`: the model's query heads) and channels (module docstring).
+
+  References:
+    Yang et al., "S²FT: Efficient, Scalable and Generalizable LLM Fine-tuning by
+    Structured Sparsity", NeurIPS 2024, arXiv:2412.06289.
+  """
   ratios = _check_ratios(v_ratio, o_ratio, u_ratio, d_ratio)
   if num_heads is not None and not (isinstance(num_heads, int) and num_heads > 0):
     raise ValueError(f's2ft num_heads must be a positive int or None, got {num_heads!r}')

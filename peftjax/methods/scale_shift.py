@@ -136,6 +136,10 @@ def ssf(targets, *, init: str = 'identity') -> Adapter:
 
   Example:
     >>> adapter = ssf(['attention/(query|key|value|output)/kernel', 'norm/scale$'])
+
+  References:
+    Lian et al., "Scaling & Shifting Your Features: A New Baseline for Efficient Model
+    Tuning" (SSF), NeurIPS 2022, arXiv:2210.08823.
   """
   if init not in SSF_INITS:
     raise ValueError(f'unknown SSF init {init!r}; expected one of {SSF_INITS}')
@@ -183,6 +187,10 @@ def ia3(targets, feedforward=()) -> Adapter:
 
   Example:
     >>> adapter = ia3('attention/(key|value)/kernel$', r'layer_\\d+/output/kernel$')
+
+  References:
+    Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+    In-Context Learning" ((IA)³), NeurIPS 2022, arXiv:2205.05638.
   """
   config = {'method': 'ia3', 'targets': target_list(targets),
             'feedforward': target_list(feedforward)}

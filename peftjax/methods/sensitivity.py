@@ -164,6 +164,10 @@ def spt(targets, budget: int | float = 0.005, threshold: float = 0.1, rank: int 
       threshold * (in + out) * rank, in (0, 1] (the official 1 / alpha).
     rank: the LoRA rank r of every switched matrix (the official `low_rank_dim`).
     dropout: dropout on the input of the LoRA path (training only).
+
+  References:
+    He et al., "Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning" (SPT), ICCV 2023,
+    arXiv:2303.08566.
   """
   targets = target_list(targets)
   if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):

@@ -121,7 +121,12 @@ def sparse_ft(targets, density: float = 0.005, select: str = 'magnitude', *,
               l1: float = 0.0, seed: int = 0) -> Adapter:
   """Trains `density` of the entries (or rows / columns) of the 2-D params `targets` match,
   chosen by `select` (module docstring); `reference` is a params file (`model.safetensors`,
-  `peftjax.io.params_file`) for `select='change'`."""
+  `peftjax.io.params_file`) for `select='change'`.
+
+  References:
+    Ansell et al., "Composable Sparse Fine-Tuning for Cross-Lingual Transfer" (LT-SFT),
+    ACL 2022, arXiv:2110.07560.
+  """
   targets = target_list(targets)
   if structure not in STRUCTURES:
     raise ValueError(f'unknown structure {structure!r}; expected one of {list(STRUCTURES)}')

@@ -91,7 +91,12 @@ def sara(targets, threshold: float = THRESHOLD, lambda_rank: float = LAMBDA_RANK
   """Trains the entries of the 2-D params `targets` matches with |W| < `threshold`, with the
   nuclear-norm term `lambda_rank * ||P||_*` of one matrix drawn per step among those with
   min(shape) > `rank_min_dim`, or with `rank_all` the mean over all of them (module
-  docstring; `reselect` for the progressive schedule)."""
+  docstring; `reselect` for the progressive schedule).
+
+  References:
+    Hu et al., "SaRA: High-Efficient Diffusion Model Fine-tuning with Progressive Sparse
+    Low-Rank Adaptation", ICLR 2025, arXiv:2409.06633.
+  """
   targets = target_list(targets)
   if not (isinstance(threshold, numbers.Real) and threshold > 0):
     raise ValueError(f'sara threshold must be a positive number (an absolute |W|), got '

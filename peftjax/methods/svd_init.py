@@ -102,7 +102,7 @@ def _principal(name, targets, rank, alpha, *, minor, niter=None, seed=0, rank_pa
 def pissa(targets, rank: int = 8, alpha: float | None = None, *, niter: int | None = None,
           seed: int = 0, rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
   """PiSSA: "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language
-  Models" (Meng, Wang & Zhang, 2024).
+  Models" (Meng, Wang & Zhang, 2024, arXiv:2404.02948).
 
   A (in, r) = U_r S_r^1/2, B (r, out) = S_r^1/2 V_r^T from the top-r SVD of W, over a frozen
   residual W - U_r S_r V_r^T. Scale alpha / r (1 when alpha is None; A and B are divided by
@@ -117,7 +117,7 @@ def pissa(targets, rank: int = 8, alpha: float | None = None, *, niter: int | No
 def milora(targets, rank: int = 8, alpha: float | None = None, *,
            rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
   """MiLoRA: "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM
-  Finetuning" (Wang et al., 2024): PiSSA's construction on the r smallest singular triplets
+  Finetuning" (Wang et al., 2024, arXiv:2406.09044): PiSSA's construction on the r smallest singular triplets
   (exact SVD only: a randomised SVD does not resolve the minor components)."""
   return _principal('milora', targets, rank, alpha, minor=True, rank_pattern=rank_pattern,
                     dropout=dropout)
@@ -126,7 +126,7 @@ def milora(targets, rank: int = 8, alpha: float | None = None, *,
 def soma(targets, rank: int = 8, alpha: float | None = None, *,
          rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
   """SoMA: "SoMA: Singular Value Decomposed Minor Components Adaptation for Domain
-  Generalizable Representation Learning" (Yun et al., 2024): the minor-component adapter of
+  Generalizable Representation Learning" (Yun et al., 2024, arXiv:2412.04077): the minor-component adapter of
   MiLoRA. The rest of SoMA's recipe is outside the adapter: freeze the first blocks by
   targeting only the later ones (e.g. `soma('encoder/layer_[3-5]/.*/kernel')`), train the
   biases too with `pj.chain(soma(...), pj.full('.*/bias'))`, and anneal the weight decay with
@@ -168,7 +168,7 @@ def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, update: str = 'gradien
           niter: int | None = None, seed: int = 0, rank_pattern: dict | None = None,
           dropout: float = 0.0) -> Adapter:
   """SORSA: "SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of
-  Large Language Models" (Cao, 2024).
+  Large Language Models" (Cao, 2024, arXiv:2409.00055).
 
   Trainable U_p (in, r), S_p (r,), V_p^T (r, out) from the top-r SVD of W over the frozen
   residual W - U_p S_p V_p^T; the weight is residual + (U_p * S_p) @ V_p^T. The regulariser
@@ -239,7 +239,7 @@ def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, update: str = 'gradien
 def svfit(targets, rank: int | None = 8, *, energy: float = 0.99,
           rank_pattern: dict | None = None) -> Adapter:
   """SVFit: "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular
-  Values" (Sun et al., 2024).
+  Values" (Sun et al., 2024, arXiv:2409.05926).
 
   Only the top-r singular values S_r train; U_r, V_r^T are fixed and the residual
   W - U_r S_r V_r^T is frozen: the weight is residual + U_r diag(s) V_r^T. rank=None picks,
@@ -285,7 +285,7 @@ def svfit(targets, rank: int | None = 8, *, energy: float = 0.99,
 def loldu(targets, rank: int = 8, alpha: float | None = 1.0, *,
           rank_pattern: dict | None = None) -> Adapter:
   """LoLDU: "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for
-  Parameter-Efficient Fine-Tuning" (Shi et al., 2024).
+  Parameter-Efficient Fine-Tuning" (Shi et al., 2024, arXiv:2410.13618).
 
   As in the reference code, the (out, in) weight W^T = P L diag(D) U (partial pivoting) gives
   fixed rank-r factors P L_r and U_r; the diagonal d = D_r and a scalar scale (initially
@@ -331,7 +331,7 @@ def loldu(targets, rank: int = 8, alpha: float | None = 1.0, *,
 def soka(targets, rank: int | str = 'auto', *, energy: float = 0.9, max_rank: int | None = None,
          rank_pattern: dict | None = None, factor_pattern: dict | None = None) -> Adapter:
   """SoKA: "Singular Value Decomposition on Kronecker Adaptation for Large Language Model"
-  (Chong & Qu, 2025).
+  (Chong & Qu, 2025, arXiv:2506.15251).
 
   The Kronecker-product SVD W = sum_k s_k A_k (x) B_k (Van Loan-Pitsianis) gives trainable
   factors a_k = s_k^1/2 A_k (m1, n1), b_k = s_k^1/2 B_k (m2, n2) for the kept components over
