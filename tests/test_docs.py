@@ -110,7 +110,8 @@ def test_docs_site_builds_strict(tmp_path):
 # Modules whose docstrings hold examples of the public API (`>>>`), run as doctests.
 DOCTESTED = ['peftjax.core.adapter', 'peftjax.core.paths', 'peftjax.core.leaves',
              'peftjax.core.linen', 'peftjax.io.adapter_file', 'peftjax.methods',
-             'peftjax.methods.lora', 'peftjax.methods.lora_pro', 'peftjax.methods.full']
+             'peftjax.methods.lora', 'peftjax.methods.lora_pro', 'peftjax.methods.full',
+             'peftjax.methods.svd_init', 'peftjax.methods.data_init']
 
 
 @pytest.mark.parametrize('module', DOCTESTED)

@@ -91,20 +91,57 @@ def damped_covariance(cov, damping: float):
 def corda(targets, rank: int = 8, *, mode: str = 'kpm', alpha: float | None = None,
           damping: float = 0.01, rank_pattern: dict | None = None,
           dropout: float = 0.0) -> Adapter:
-  """CorDA: "CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for
-  Task-Aware Parameter-Efficient Fine-tuning" (Yang et al., 2024, arXiv:2406.05223).
+  """CorDA: LoRA factors from the SVD of W oriented by the input covariance.
+
+  "CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for Task-Aware
+  Parameter-Efficient Fine-tuning" (Yang et al., NeurIPS 2024, arXiv:2406.05223).
 
   With the input covariance C = X^T X / n (damped: C~ = C + damping * mean(diag C) * I, as
   the reference implementation's first try), the paper's SVD of W C (W out x in) is, for a
   Flax kernel W (in, out), the SVD of (W^T C)^T = C~ W = U S V^T. Then W = C~^-1 U S V^T,
   a sum of components (C~^-1 u_i) s_i v_i^T ordered by covariance-weighted energy s_i.
   The adapter takes r of them: A = C~^-1 U_r S_r^1/2, B = S_r^1/2 V_r^T (over sqrt(scale)),
-  over the frozen residual W - scale * A @ B, so the weight at init is W.
-  mode 'kpm' (knowledge-preserved) trains the r smallest components, 'ipm'
-  (instruction-previewed) the r largest. Scale alpha / r (1 when alpha is None).
-  Needs `calib`'s `covariance` at every target. Damping: HF PEFT's `corda.py` retries with
-  doubled damping until its inverse reproduces I; here the relative damping keeps C~
-  positive definite in one try (raise `damping` for a nearly singular covariance).
+  over the frozen residual W - scale * A @ B, so the weight at init is W. HF PEFT's
+  `corda.py` retries with doubled damping until its inverse reproduces I; here the relative
+  damping keeps C~ positive definite in one try.
+
+  Args:
+    targets: a regex or a list of regexes searched in slash paths, each matching a 2-D
+      kernel that the calibration model feeds.
+    rank: the rank r, a positive int <= min(in, out).
+    mode: 'kpm' (the default, knowledge-preserved) trains the r smallest components,
+      'ipm' (instruction-previewed) the r largest.
+    alpha: scale = alpha / r; None (the default) gives scale 1.
+    damping: the relative damping, > 0; raise it for a nearly singular covariance.
+    rank_pattern: `{regex: rank}` overrides of `rank`, first match wins.
+    dropout: dropout on the input of the adapter path (training only), in [0, 1).
+
+  Returns:
+    An `Adapter` whose `init` needs `calib=Calibration(...)` (its `covariance` at every
+      target). Its frozen tree holds `CalibratedResidual(W - scale * A0 @ B0, A0, B0)` at each
+      target (adapter files keep A0 and B0, so `load_adapter` needs no data) and its state is
+      `{path: {'a': (in, r), 'b': (r, out)}}`, starting at (A0, B0); `apply` returns `LowRank`
+      leaves. Not invertible: it has no `unmerge`.
+
+  Raises:
+    ValueError: an unknown `mode`, `damping` <= 0 or `dropout` outside [0, 1); from `init`,
+      a `calib` that is not a `Calibration`, a rank that is not a positive int or exceeds
+      min(in, out), or a target the calibration batches do not reach.
+    PatternError: from `init`, a target or `rank_pattern` regex that matches no 2-D param.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, peftjax as pj
+    >>> model = nn.Dense(4)
+    >>> x = jax.random.normal(jax.random.key(1), (16, 8))  # one calibration batch
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> calib = pj.Calibration(lambda p, batch: model.apply({'params': p}, batch), params, [x])
+    >>> adapter = pj.corda('kernel', rank=2, mode='ipm')
+    >>> frozen, state = adapter.init(jax.random.key(0), params, calib=calib)
+    >>> state['kernel']['a'].shape, state['kernel']['b'].shape
+    ((8, 2), (2, 4))
+    >>> merged = pj.merge(adapter, frozen, state)  # W at init
+    >>> bool(jnp.allclose(merged['kernel'], params['kernel'], atol=1e-5))
+    True
   """
   if mode not in CORDA_MODES:
     raise ValueError(f'corda mode must be one of {CORDA_MODES}, got {mode!r}')
@@ -157,19 +194,55 @@ def eva_ranks(ratios: Mapping[str, np.ndarray], budget: int) -> dict[str, int]:
 def eva(targets, rank: int = 8, *, rho: float = 2.0, alpha: float = 16.0,
         whiten: bool = False, adjust_scaling_factors: bool = False,
         max_rows: int | None = None, dropout: float = 0.0) -> Adapter:
-  """EVA: "One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation"
-  (Paischer et al., 2024, arXiv:2410.07170).
+  """EVA: A from the top right-singular vectors of each target's inputs, ranks by variance.
 
-  Per target, the SVD of a sample of its centred input rows (`calib.activations`, at most
-  `max_rows`; the stacked sample stands in for the paper's incremental SVD over minibatches)
-  offers its top round(rho * rank) right-singular vectors with their explained-variance
-  ratios. The budget rank * (number of targets) goes to the largest ratios over all targets
-  (rho >= 1 caps a layer at rho * rank; rho = 1 gives every layer `rank`). A (in, r_l) = the
-  layer's top r_l vectors (divided by sqrt of their singular values with `whiten`), B = 0:
-  the weight at init is W. Layers allotted rank 0 get no adapter. Scale alpha / r_l, or
-  alpha / rank for all with `adjust_scaling_factors`. `describe` shows each target's rank.
-  `adjust_scaling_factors` defaults to False as in the authors' code (ml-jku/EVA); HF PEFT's
-  `EvaConfig` defaults to True.
+  "One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation"
+  (Paischer et al., ICML 2025, arXiv:2410.07170).
+
+  Per target, the SVD of a sample of its centred input rows (`calib.activations`; the
+  stacked sample stands in for the paper's incremental SVD over minibatches) offers its top
+  round(rho * rank) right-singular vectors with their explained-variance ratios. The budget
+  rank * (number of targets) goes to the largest ratios over all targets. A (in, r_l) = the
+  layer's top r_l vectors, B = 0: the weight at init is W. Layers allotted rank 0 get no
+  adapter.
+
+  Args:
+    targets: a regex or a list of regexes searched in slash paths, each matching a 2-D
+      kernel that the calibration model feeds.
+    rank: the mean rank, a positive int: the budget is rank * (number of targets).
+    rho: >= 1; a layer gets at most round(rho * rank) (and min(in, out)); rho = 1 gives
+      every layer `rank`.
+    alpha: scale = alpha / r_l, or alpha / rank for all with `adjust_scaling_factors`.
+    whiten: divide A's columns by the square roots of their singular values.
+    adjust_scaling_factors: see `alpha`; False (the default) as in the authors' code
+      (ml-jku/EVA); HF PEFT's `EvaConfig` defaults to True.
+    max_rows: the input rows sampled per target; None: the `Calibration`'s `max_rows`.
+    dropout: dropout on the input of the adapter path (training only), in [0, 1).
+
+  Returns:
+    An `Adapter` whose `init` needs `calib=Calibration(...)` (its `activations` at every
+      target); the frozen tree is the params, unchanged, and the state is
+      `{path: {'a': (in, r_l), 'b': (r_l, out)}}` for the targets with r_l > 0; `apply` returns
+      `LowRank` leaves. `describe` lists every target with its rank (0 included). Invertible.
+
+  Raises:
+    ValueError: a rank that is not a positive int, `rho` < 1 or `dropout` outside [0, 1);
+      from `init`, a `calib` that is not a `Calibration`, or a target the calibration
+      batches do not reach.
+    PatternError: from `init`, a target regex that matches no 2-D param.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, peftjax as pj
+    >>> model = nn.Sequential([nn.Dense(8), nn.Dense(4)])
+    >>> x = jax.random.normal(jax.random.key(1), (32, 8))  # one calibration batch
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> calib = pj.Calibration(lambda p, batch: model.apply({'params': p}, batch), params, [x])
+    >>> adapter = pj.eva('kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params, calib=calib)
+    >>> sum(ab['a'].shape[1] for ab in state.values())  # the budget: 2 ranks x 2 targets
+    4
+    >>> all(not ab['b'].any() for ab in state.values())  # B = 0
+    True
   """
   check_rank('eva', None, rank)
   if not rho >= 1.0:
@@ -215,19 +288,56 @@ LORA_GA_DIRECTIONS = ('ArB2r', 'A2rBr')
 def lora_ga(targets, rank: int = 8, alpha: float = 16.0, *, direction: str = 'ArB2r',
             stable_gamma: float | None = 16.0, rslora: bool = False,
             rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
-  """LoRA-GA: "LoRA-GA: Low-Rank Adaptation with Gradient Approximation" (Wang et al., 2024,
+  """LoRA-GA: LoRA factors from the SVD of the averaged weight gradient.
+
+  "LoRA-GA: Low-Rank Adaptation with Gradient Approximation" (Wang et al., NeurIPS 2024,
   arXiv:2407.05000).
 
   G = dL/dW averaged over the calibration batches (`calib.gradient`). In the paper's torch
-  layout (G out x in = U S V^T, B out x r, A r x in), direction 'ArB2r' (the official default)
-  takes A_init = V[:, :r]^T and B_init = U[:, r:2r]; 'A2rBr' takes A_init = V[:, r:2r]^T and
+  layout (G out x in = U S V^T, B out x r, A r x in), direction 'ArB2r' takes
+  A_init = V[:, :r]^T and B_init = U[:, r:2r]; 'A2rBr' takes A_init = V[:, r:2r]^T and
   B_init = U[:, :r]. The first step is the same either way (it spans the top 2r singular
   directions of G); later steps differ. In the Flax layout the gradient is G^T (in, out) =
   V S U^T, so with its SVD u, vt: 'ArB2r' is A (in, r) = u[:, :r], B (r, out) = vt[r:2r].
-  Scale stability: both are multiplied by d_out^(1/4) / sqrt(stable_gamma) (the official
-  code's "stable" scale; None keeps them orthonormal). The frozen base offset
-  W - scale * A @ B keeps the weight at init equal to W. Scale alpha / r (alpha / sqrt(r)
-  with `rslora`). Needs 2 * rank <= min(in, out).
+  The frozen base offset W - scale * A @ B keeps the weight at init equal to W.
+
+  Args:
+    targets: a regex or a list of regexes searched in slash paths, each matching a 2-D
+      kernel that the calibration model feeds.
+    rank: the rank r, a positive int with 2 * r <= min(in, out).
+    alpha: scale = alpha / r (alpha / sqrt(r) with `rslora`).
+    direction: 'ArB2r' (the default, the official one) or 'A2rBr'.
+    stable_gamma: A and B are multiplied by out^(1/4) / sqrt(stable_gamma) (the official
+      code's "stable" scale), > 0; None keeps them orthonormal.
+    rslora: scale alpha / sqrt(r) instead of alpha / r.
+    rank_pattern: `{regex: rank}` overrides of `rank`, first match wins.
+    dropout: dropout on the input of the adapter path (training only), in [0, 1).
+
+  Returns:
+    An `Adapter` whose `init` needs `calib=Calibration(..., loss_fn=...)` (its `gradient` at
+      every target). Its frozen tree holds `CalibratedResidual(W - scale * A0 @ B0, A0, B0)` at
+      each target (adapter files keep A0 and B0, so `load_adapter` needs no data) and its state
+      is `{path: {'a': (in, r), 'b': (r, out)}}`, starting at (A0, B0); `apply` returns
+      `LowRank` leaves. Not invertible: it has no `unmerge`.
+
+  Raises:
+    ValueError: `stable_gamma` <= 0, an unknown `direction` or `dropout` outside [0, 1);
+      from `init`, a `calib` that is not a `Calibration` or has no `loss_fn`, or a rank that
+      is not a positive int or exceeds min(in, out) / 2.
+    PatternError: from `init`, a target or `rank_pattern` regex that matches no 2-D param.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, peftjax as pj
+    >>> model = nn.Dense(4)
+    >>> x = jax.random.normal(jax.random.key(1), (16, 8))  # one calibration batch
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> run = lambda p, batch: model.apply({'params': p}, batch)
+    >>> loss = lambda p, batch: jnp.mean(run(p, batch) ** 2)
+    >>> calib = pj.Calibration(run, params, [x], loss_fn=loss)
+    >>> adapter = pj.lora_ga('kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params, calib=calib)
+    >>> state['kernel']['a'].shape, state['kernel']['b'].shape
+    ((8, 2), (2, 4))
   """
   if stable_gamma is not None and not stable_gamma > 0:
     raise ValueError(f'lora_ga stable_gamma must be > 0 or None, got {stable_gamma}')

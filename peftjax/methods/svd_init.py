@@ -101,14 +101,46 @@ def _principal(name, targets, rank, alpha, *, minor, niter=None, seed=0, rank_pa
 
 def pissa(targets, rank: int = 8, alpha: float | None = None, *, niter: int | None = None,
           seed: int = 0, rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
-  """PiSSA: "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language
-  Models" (Meng, Wang & Zhang, 2024, arXiv:2404.02948).
+  """PiSSA: LoRA factors from the top-r singular triplets of W, over a frozen residual.
 
-  A (in, r) = U_r S_r^1/2, B (r, out) = S_r^1/2 V_r^T from the top-r SVD of W, over a frozen
-  residual W - U_r S_r V_r^T. Scale alpha / r (1 when alpha is None; A and B are divided by
-  sqrt(scale), so the residual and the weight at init do not depend on alpha).
-  niter: None for the exact SVD; an int for the paper's fast variant, a randomised SVD
-  (Halko et al.) with `niter` subspace iterations whose sketch draws from `seed`.
+  "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models"
+  (Meng, Wang & Zhang, NeurIPS 2024, arXiv:2404.02948). With the top-r SVD U_r S_r V_r^T of
+  W (in, out), A (in, r) = U_r S_r^1/2 and B (r, out) = S_r^1/2 V_r^T, both divided by
+  sqrt(scale), train over the frozen residual W - U_r S_r V_r^T: the weight at init is W,
+  whatever alpha (which only scales the factors' updates).
+
+  Args:
+    targets: a regex or a list of regexes searched in slash paths, e.g.
+      `attention/(query|value)/kernel`; each must match a 2-D parameter.
+    rank: the rank r, a positive int <= min(in, out).
+    alpha: scale = alpha / r; None (the default) gives scale 1.
+    niter: None (the default) for the exact SVD; an int >= 0 for the paper's fast variant, a
+      randomised SVD (Halko et al.) with `niter` subspace iterations.
+    seed: the randomised SVD's sketch draws from `seed` (not from `init`'s rng), so the
+      frozen tree is a function of W alone; unused when `niter` is None.
+    rank_pattern: `{regex: rank}` overrides of `rank`, first match wins.
+    dropout: dropout on the input of the adapter path (training only), in [0, 1).
+
+  Returns:
+    An `Adapter` whose frozen tree holds the residual at each target and whose state is
+      `{path: {'a': (in, r), 'b': (r, out)}}`; `apply` returns `LowRank` leaves. Invertible
+      (`unmerge` gives back the residual).
+
+  Raises:
+    ValueError: `dropout` outside [0, 1), or `niter` neither None nor an int >= 0; from
+      `init`, a rank that is not a positive int or exceeds min(in, out).
+    PatternError: from `init`, a target or `rank_pattern` regex that matches no 2-D param.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'query': {'kernel': jax.random.normal(jax.random.key(0), (8, 8))}}
+    >>> adapter = pj.pissa('query/kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> state['query/kernel']['a'].shape, state['query/kernel']['b'].shape
+    ((8, 2), (2, 8))
+    >>> merged = pj.merge(adapter, frozen, state)  # residual + A @ B: W at init
+    >>> bool(jnp.allclose(merged['query']['kernel'], params['query']['kernel'], atol=1e-5))
+    True
   """
   return _principal('pissa', targets, rank, alpha, minor=False, niter=niter, seed=seed,
                     rank_pattern=rank_pattern, dropout=dropout)
@@ -116,22 +148,75 @@ def pissa(targets, rank: int = 8, alpha: float | None = None, *, niter: int | No
 
 def milora(targets, rank: int = 8, alpha: float | None = None, *,
            rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
-  """MiLoRA: "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM
-  Finetuning" (Wang et al., 2024, arXiv:2406.09044): PiSSA's construction on the r smallest singular triplets
-  (exact SVD only: a randomised SVD does not resolve the minor components)."""
+  """MiLoRA: PiSSA's construction on the r smallest singular triplets of W.
+
+  "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM Finetuning"
+  (Wang et al., NAACL 2025, arXiv:2406.09044). A = U_r S_r^1/2, B = S_r^1/2 V_r^T from the
+  minor components (exact SVD only: a randomised SVD does not resolve them), over the frozen
+  residual W - U_r S_r V_r^T, so the weight at init is W.
+
+  Args:
+    targets: a regex or a list of regexes, each matching a 2-D parameter (as `pissa`).
+    rank: the rank r, a positive int <= min(in, out).
+    alpha: scale = alpha / r; None (the default) gives scale 1 (as `pissa`).
+    rank_pattern: `{regex: rank}` overrides of `rank`, first match wins.
+    dropout: dropout on the input of the adapter path (training only), in [0, 1).
+
+  Returns:
+    An `Adapter` whose frozen tree holds the residual at each target and whose state is
+      `{path: {'a': (in, r), 'b': (r, out)}}`; `apply` returns `LowRank` leaves. Invertible.
+
+  Raises:
+    ValueError: `dropout` outside [0, 1); from `init`, a rank that is not a positive int or
+      exceeds min(in, out).
+    PatternError: from `init`, a target or `rank_pattern` regex that matches no 2-D param.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'query': {'kernel': jax.random.normal(jax.random.key(0), (8, 8))}}
+    >>> adapter = pj.milora('query/kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> state['query/kernel']['a'].shape, state['query/kernel']['b'].shape
+    ((8, 2), (2, 8))
+  """
   return _principal('milora', targets, rank, alpha, minor=True, rank_pattern=rank_pattern,
                     dropout=dropout)
 
 
 def soma(targets, rank: int = 8, alpha: float | None = None, *,
          rank_pattern: dict | None = None, dropout: float = 0.0) -> Adapter:
-  """SoMA: "SoMA: Singular Value Decomposed Minor Components Adaptation for Domain
-  Generalizable Representation Learning" (Yun et al., 2024, arXiv:2412.04077): the minor-component adapter of
-  MiLoRA. The rest of SoMA's recipe is outside the adapter: freeze the first blocks by
-  targeting only the later ones (e.g. `soma('encoder/layer_[3-5]/.*/kernel')`), train the
-  biases too with `pj.chain(soma(...), pj.full('.*/bias'))`, and anneal the weight decay with
-  an optax schedule in a custom optimiser (the trainer's `optimizer.weight_decay` is
-  constant)."""
+  """SoMA: the minor-component adapter of MiLoRA.
+
+  "SoMA: Singular Value Decomposed Minor Components Adaptation for Domain Generalizable
+  Representation Learning" (Yun et al., CVPR 2025, arXiv:2412.04077). The rest of SoMA's
+  recipe is outside the adapter: freeze the first blocks by targeting only the later ones
+  (e.g. `soma('encoder/layer_[3-5]/.*/kernel')`), train the biases too with
+  `pj.chain(soma(...), pj.full('.*/bias'))`, and anneal the weight decay with an optax
+  schedule in a custom optimiser (the trainer's `optimizer.weight_decay` is constant).
+
+  Args:
+    targets: a regex or a list of regexes, each matching a 2-D parameter (as `pissa`).
+    rank: the rank r, a positive int <= min(in, out).
+    alpha: scale = alpha / r; None (the default) gives scale 1 (as `pissa`).
+    rank_pattern: `{regex: rank}` overrides of `rank`, first match wins.
+    dropout: dropout on the input of the adapter path (training only), in [0, 1).
+
+  Returns:
+    As `milora`: state `{path: {'a': (in, r), 'b': (r, out)}}` over frozen residuals.
+
+  Raises:
+    ValueError: as `milora`.
+    PatternError: as `milora`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> kernel = jax.random.normal(jax.random.key(0), (8, 8))
+    >>> params = {'query': {'kernel': kernel, 'bias': jnp.zeros(8)}}
+    >>> adapter = pj.chain(pj.soma('query/kernel', rank=2), pj.full('query/bias'))
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> print(pj.summary(adapter, frozen, state).splitlines()[-1])
+    trainable params: 40 || all params: 112 || trainable%: 35.7143
+  """
   return _principal('soma', targets, rank, alpha, minor=True, rank_pattern=rank_pattern,
                     dropout=dropout)
 
@@ -167,18 +252,52 @@ def orthonormality(state) -> jax.Array:
 def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, update: str = 'gradient',
           niter: int | None = None, seed: int = 0, rank_pattern: dict | None = None,
           dropout: float = 0.0) -> Adapter:
-  """SORSA: "SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of
-  Large Language Models" (Cao, 2024, arXiv:2409.00055).
+  """SORSA: trainable top singular factors of W, kept orthonormal by a regulariser.
 
-  Trainable U_p (in, r), S_p (r,), V_p^T (r, out) from the top-r SVD of W over the frozen
-  residual W - U_p S_p V_p^T; the weight is residual + (U_p * S_p) @ V_p^T. The regulariser
-  R = `orthonormality(state)` (0 at init) keeps U_p and V_p orthonormal. The paper's update is
-  W_p <- W_p - eta_t grad L - gamma grad R: the regulariser's step is gamma, not tied to lr.
+  "SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of Large
+  Language Models" (Cao, 2024, arXiv:2409.00055). Trainable U_p (in, r), S_p (r,),
+  V_p^T (r, out) from the top-r SVD of W run over the frozen residual W - U_p S_p V_p^T: the
+  weight is residual + (U_p * S_p) @ V_p^T (W at init). The regulariser
+  R = `orthonormality(state)` (0 at init) keeps U_p and V_p orthonormal. The paper's update
+  is W_p <- W_p - eta_t grad L - gamma grad R: the regulariser's step is gamma, not tied to
+  the learning rate.
 
-  update='gradient' (default, the official trainer): after gradient clipping, the optimiser
-  receives grad L + (gamma / lr) grad R, lr being the optimiser's peak learning rate (the
-  adapter's `tx`, built by `make_optimizer` with that lr). update='loss': gamma * R is added
-  to the training loss instead (clipped and scaled with it), the usual regulariser.
+  Args:
+    targets: a regex or a list of regexes, each matching a 2-D parameter (as `pissa`).
+    rank: the rank r, a positive int <= min(in, out).
+    gamma: the regulariser's weight, >= 0 (the paper's 4e-4).
+    update: 'gradient' (the default, the official trainer): after gradient clipping, the
+      optimiser receives grad L + (gamma / lr) grad R, lr being the optimiser's peak
+      learning rate (the adapter's `tx`, built by `make_optimizer` with that lr). 'loss':
+      gamma * R is added to the training loss instead (clipped and scaled with it).
+    niter: None (the default) for the exact SVD; an int >= 0 for a randomised SVD with
+      `niter` subspace iterations (as `pissa`).
+    seed: the randomised SVD's sketch draws from `seed`; unused when `niter` is None.
+    rank_pattern: `{regex: rank}` overrides of `rank`, first match wins.
+    dropout: dropout on the input of the adapter path (training only), in [0, 1).
+
+  Returns:
+    An `Adapter` whose frozen tree holds the residual at each target and whose state is
+      `{path: {'u': (in, r), 's': (r,), 'vt': (r, out)}}`; `apply` returns `LowRank` leaves.
+      With update='gradient' its `tx` is a function of the peak learning rate; with 'loss'
+      its `loss` is gamma * R. Invertible.
+
+  Raises:
+    ValueError: `gamma` < 0, an unknown `update`, or `dropout` outside [0, 1); from `init`,
+      a rank that is not a positive int or exceeds min(in, out), or `niter` < 0; from `tx`,
+      a peak learning rate <= 0.
+    PatternError: from `init`, a target or `rank_pattern` regex that matches no 2-D param.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'query': {'kernel': jax.random.normal(jax.random.key(0), (8, 8))}}
+    >>> adapter = pj.sorsa('query/kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> jax.tree.map(jnp.shape, state)
+    {'query/kernel': {'s': (2,), 'u': (8, 2), 'vt': (2, 8)}}
+    >>> from peftjax.methods.svd_init import orthonormality
+    >>> float(orthonormality(state)) < 1e-5  # R is 0 at init
+    True
   """
   check_dropout('sorsa', dropout)
   if gamma < 0:
@@ -238,14 +357,42 @@ def sorsa(targets, rank: int = 8, *, gamma: float = 4e-4, update: str = 'gradien
 # ------------------------------------------------------------------------------------- SVFit
 def svfit(targets, rank: int | None = 8, *, energy: float = 0.99,
           rank_pattern: dict | None = None) -> Adapter:
-  """SVFit: "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular
-  Values" (Sun et al., 2024, arXiv:2409.05926).
+  """SVFit: only the top-r singular values of W train; the singular vectors stay fixed.
 
-  Only the top-r singular values S_r train; U_r, V_r^T are fixed and the residual
-  W - U_r S_r V_r^T is frozen: the weight is residual + U_r diag(s) V_r^T. rank=None picks,
-  per target, the smallest r holding `energy` of the spectrum (the paper's 99%).
-  The paper trains that many values (hundreds per kernel, not 8): its setting is
-  `svfit(targets, rank=None)`.
+  "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values"
+  (Sun et al., 2024, arXiv:2409.05926). With the top-r SVD U_r S_r V_r^T of W, the residual
+  W - U_r S_r V_r^T is frozen and the weight is residual + U_r diag(s) V_r^T, s starting at
+  S_r. The paper trains the values holding 99% of the spectrum's energy (hundreds per
+  kernel, not 8): its setting is `svfit(targets, rank=None)`.
+
+  Args:
+    targets: a regex or a list of regexes, each matching a 2-D parameter (as `pissa`).
+    rank: the rank r, a positive int <= min(in, out); None picks, per target, the smallest r
+      whose values hold `energy` of the spectrum's energy (sum of s_i^2).
+    energy: the share `rank=None` keeps, in (0, 1].
+    rank_pattern: `{regex: rank or None}` overrides of `rank`, first match wins.
+
+  Returns:
+    An `Adapter` whose frozen tree holds, at each target,
+      `LowRank(residual, U_r, V_r^T, 0.0)` (the fixed factors beside the residual, their
+      delta off) and whose state is `{path: {'s': (r,)}}`; `apply` returns `LowRank` leaves.
+      Not invertible: it has no `unmerge`.
+
+  Raises:
+    ValueError: `energy` outside (0, 1]; from `init`, a rank that is not a positive int or
+      exceeds min(in, out); from `apply`, a frozen tree that is not this `init`'s (no fixed
+      factors at a target).
+    PatternError: from `init`, a target or `rank_pattern` regex that matches no 2-D param.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'query': {'kernel': jax.random.normal(jax.random.key(0), (8, 8))}}
+    >>> adapter = pj.svfit('query/kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> jax.tree.map(jnp.shape, state)
+    {'query/kernel': {'s': (2,)}}
+    >>> type(frozen['query']['kernel']).__name__
+    'LowRank'
   """
   if not 0.0 < energy <= 1.0:
     raise ValueError(f'svfit energy must be in (0, 1], got {energy}')
@@ -284,15 +431,42 @@ def svfit(targets, rank: int | None = 8, *, energy: float = 0.99,
 # ------------------------------------------------------------------------------------- LoLDU
 def loldu(targets, rank: int = 8, alpha: float | None = 1.0, *,
           rank_pattern: dict | None = None) -> Adapter:
-  """LoLDU: "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for
-  Parameter-Efficient Fine-Tuning" (Shi et al., 2024, arXiv:2410.13618).
+  """LoLDU: only an LDU diagonal and a scale train, over fixed triangular factors of W.
 
-  As in the reference code, the (out, in) weight W^T = P L diag(D) U (partial pivoting) gives
-  fixed rank-r factors P L_r and U_r; the diagonal d = D_r and a scalar scale (initially
-  alpha / r, or 1 when alpha is None) train over the frozen residual W - scale U_r^T diag(d)
-  (P L_r)^T. State per target: {'d': (r,), 'scale': ()}. The default alpha = 1 (scale 1/r)
-  is the reference's `LoLDUParametrization.from_linear`; its default layer config uses a
-  much larger rank (768: `loldu(targets, rank=min(in, out))` trains the whole diagonal).
+  "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient
+  Fine-Tuning" (Shi et al., 2024, arXiv:2410.13618). As in the reference code, the (out, in)
+  weight W^T = P L diag(D) U (partial pivoting) gives fixed rank-r factors P L_r and U_r; the
+  diagonal d = D_r and a scalar scale train over the frozen residual
+  W - scale U_r^T diag(d) (P L_r)^T, so the weight at init is W.
+
+  Args:
+    targets: a regex or a list of regexes, each matching a 2-D parameter (as `pissa`).
+    rank: the rank r, a positive int <= min(in, out); `rank=min(in, out)` trains the whole
+      diagonal (the reference's default layer config uses rank 768).
+    alpha: the scale starts at alpha / r; None: at 1. The default 1 (scale 1 / r) is the
+      reference's `LoLDUParametrization.from_linear`.
+    rank_pattern: `{regex: rank}` overrides of `rank`, first match wins.
+
+  Returns:
+    An `Adapter` whose frozen tree holds, at each target,
+      `LowRank(residual, U_r^T, (P L_r)^T, 0.0)` (the fixed factors, their delta off) and
+      whose state is `{path: {'d': (r,), 'scale': ()}}`; `apply` returns `LowRank` leaves.
+      Not invertible: it has no `unmerge`.
+
+  Raises:
+    ValueError: from `init`, a rank that is not a positive int or exceeds min(in, out); from
+      `apply`, a frozen tree that is not this `init`'s (no fixed factors at a target).
+    PatternError: from `init`, a target or `rank_pattern` regex that matches no 2-D param.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> params = {'query': {'kernel': jax.random.normal(jax.random.key(0), (8, 8))}}
+    >>> adapter = pj.loldu('query/kernel', rank=2)
+    >>> frozen, state = adapter.init(jax.random.key(0), params)
+    >>> jax.tree.map(jnp.shape, state)
+    {'query/kernel': {'d': (2,), 'scale': ()}}
+    >>> float(state['query/kernel']['scale'])  # alpha / r
+    0.5
   """
   config = dict(method='loldu', targets=target_list(targets), rank=rank, alpha=alpha,
                 rank_pattern=dict(rank_pattern or {}))
@@ -330,23 +504,54 @@ def loldu(targets, rank: int = 8, alpha: float | None = 1.0, *,
 # -------------------------------------------------------------------------------------- SoKA
 def soka(targets, rank: int | str = 'auto', *, energy: float = 0.9, max_rank: int | None = None,
          rank_pattern: dict | None = None, factor_pattern: dict | None = None) -> Adapter:
-  """SoKA: "Singular Value Decomposition on Kronecker Adaptation for Large Language Model"
-  (Chong & Qu, 2025, arXiv:2506.15251).
+  """SoKA: trainable Kronecker factors from the Kronecker-product SVD of W, adaptive rank.
 
-  The Kronecker-product SVD W = sum_k s_k A_k (x) B_k (Van Loan-Pitsianis) gives trainable
-  factors a_k = s_k^1/2 A_k (m1, n1), b_k = s_k^1/2 B_k (m2, n2) for the kept components over
-  the frozen residual; the weight is residual + sum_k a_k (x) b_k (a plain array).
+  "Singular Value Decomposition on Kronecker Adaptation for Large Language Model" (Chong &
+  Qu, 2025, arXiv:2506.15251). The Kronecker-product SVD W = sum_k s_k A_k (x) B_k
+  (Van Loan-Pitsianis) gives trainable factors a_k = s_k^1/2 A_k (m1, n1),
+  b_k = s_k^1/2 B_k (m2, n2) for the kept components over the frozen residual; the weight is
+  residual + sum_k a_k (x) b_k (a plain array), W at init.
 
   Factor shapes: m1 is the largest divisor of `in` <= sqrt(in) and n2 the largest divisor of
   `out` <= sqrt(out) (m2 = in / m1, n1 = out / n2), so A (m1, n1) and B (m2, n2) hold about
   sqrt(in * out) entries each: the most balanced split, with the largest Kronecker rank
-  K = min(m1 n1, m2 n2). `factor_pattern={regex: [m1, n1]}` overrides it.
+  K = min(m1 n1, m2 n2).
 
-  rank: an int; 'energy', the smallest k whose components hold `energy` of the Kronecker
-  spectrum's energy; 'elbow', the components up to the spectrum's elbow (the point farthest
-  from its chord, `linalg.elbow_rank`); or 'auto', the smaller of the two (a component
-  negligible by either criterion is pruned). `max_rank` caps the adaptive choices.
-  `describe` reports the energy the kept components hold.
+  Args:
+    targets: a regex or a list of regexes, each matching a 2-D parameter (as `pissa`).
+    rank: a positive int <= K; 'energy', the smallest k whose components hold `energy` of the
+      Kronecker spectrum's energy; 'elbow', the components up to the spectrum's elbow (the
+      point farthest from its chord, `linalg.elbow_rank`); or 'auto' (the default), the
+      smaller of the two (a component negligible by either criterion is pruned).
+    energy: the threshold of 'energy' and 'auto', in (0, 1].
+    max_rank: caps the adaptive choices; None: no cap.
+    rank_pattern: `{regex: rank}` overrides of `rank` (ints or the strings above), first
+      match wins.
+    factor_pattern: `{regex: [m1, n1]}` overrides of the first factor's shape; m1 must
+      divide `in` and n1 `out`.
+
+  Returns:
+    An `Adapter` whose frozen tree holds the residual at each target and whose state is
+      `{path: {'a': (k, m1, n1), 'b': (k, m2, n2)}}`; `apply` returns plain arrays. Invertible.
+      `describe` adds the factor shapes and the energy the kept components hold.
+
+  Raises:
+    ValueError: `energy` outside (0, 1], or a string rank not in `KRON_RANKS`; from `init`,
+      a rank (after `max_rank`) that is not a positive int or exceeds K, or a factor shape
+      that does not divide the weight's.
+    PatternError: from `init`, a target, `rank_pattern` or `factor_pattern` regex that
+      matches no 2-D param.
+
+  Example:
+    On an exact Kronecker product, the adaptive rank keeps one component:
+
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> kernel = jnp.kron(jax.random.normal(k1, (2, 4)), jax.random.normal(k2, (4, 2)))
+    >>> adapter = pj.soka('query/kernel')
+    >>> frozen, state = adapter.init(jax.random.key(0), {'query': {'kernel': kernel}})
+    >>> jax.tree.map(jnp.shape, state)
+    {'query/kernel': {'a': (1, 2, 4), 'b': (1, 4, 2)}}
   """
   if not 0.0 < energy <= 1.0:
     raise ValueError(f'soka energy must be in (0, 1], got {energy}')
