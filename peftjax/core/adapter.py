@@ -196,8 +196,8 @@ def transform(adapter: Adapter, lr: float) -> optax.GradientTransformation | Non
 
   Returns:
     `adapter.tx(lr)` if `tx` is a function of the learning rate, else `adapter.tx` (an optax
-    transform, or None: no transform). The trainer chains it after gradient clipping and
-    before the optimiser.
+      transform, or None: no transform). The trainer chains it after gradient clipping and
+      before the optimiser.
   """
   return adapter.tx(lr) if callable(adapter.tx) else adapter.tx
 
@@ -218,7 +218,7 @@ def partition(tree, patterns) -> tuple[dict[str, Any], dict]:
 
   Returns:
     `(selected, rest)`: `{path: leaf}` of the leaves a pattern matches, and the other leaves
-    as a nested tree. `combine(selected, rest)` is `tree` again.
+      as a nested tree. `combine(selected, rest)` is `tree` again.
 
   Raises:
     PatternError: a pattern matches no path.
@@ -277,7 +277,7 @@ def chain(*adapters: Adapter) -> Adapter:
 
   Returns:
     An `Adapter` whose state is a tuple with one entry per method and whose config is
-    `{'method': 'chain', 'adapters': [each config]}`.
+      `{'method': 'chain', 'adapters': [each config]}`.
 
   Raises:
     ValueError: no method given, or more than one guided method; at `init`, a method after
@@ -404,8 +404,8 @@ def summary(adapter: Adapter, frozen, state, head=None, max_rows: int = 48) -> s
 
   Returns:
     The table as text: one row per target (shape, trainable count and the method's
-    `describe` columns, e.g. rank), then `trainable params: N || all params: M ||
-    trainable%: P`.
+      `describe` columns, e.g. rank), then `trainable params: N || all params: M ||
+      trainable%: P`.
 
   Example:
     >>> import jax, jax.numpy as jnp, peftjax as pj

@@ -162,7 +162,7 @@ def materialize(tree):
 
   Returns:
     The same tree with plain arrays in their place (other leaves unchanged). `merge` is
-    `materialize(adapter.apply(frozen, state))` for methods that insert no modules.
+      `materialize(adapter.apply(frozen, state))` for methods that insert no modules.
   """
   return jax.tree.map(_to_array, tree, is_leaf=is_structured)
 

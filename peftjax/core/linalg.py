@@ -144,7 +144,7 @@ def kpsvd(w, a_shape):
     a_shape: (m1, n1), the shape of the first factors; the second are (m2, n2).
   Returns:
     a (K, m1, n1) and b (K, m2, n2) with unit Frobenius norms, and s (K,) descending,
-    K = min(m1 n1, m2 n2) (the full Kronecker rank: the sum over all K is exact).
+      K = min(m1 n1, m2 n2) (the full Kronecker rank: the sum over all K is exact).
   """
   r, (m2, n2) = _rearrange(_f32(w), a_shape)
   u, s, vt = svd(r)

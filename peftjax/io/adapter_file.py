@@ -139,7 +139,7 @@ def load_adapter(directory, params, *, rng=None):
 
   Returns:
     `(adapter, frozen, state, head, meta)`: `meta` is the parsed `adapter_config.json`
-    (method config, targets with shapes, base model id).
+      (method config, targets with shapes, base model id).
 
   Raises:
     AdapterFileError: no adapter there, a corrupt file, a method it cannot rebuild, or params

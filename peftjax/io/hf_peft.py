@@ -367,9 +367,9 @@ def import_adapter(directory, params, *, dtype=None):
 
   Returns:
     `(adapter, frozen, state, head, config)` like `pj.load_adapter`: the adapter's targets are
-    the adapted kernels' exact paths with their ranks and alphas; `head` is a
-    `modules_to_save` classifier as a linear head {'kernel', 'bias'} (else None); `config` is
-    the PEFT config.
+      the adapted kernels' exact paths with their ranks and alphas; `head` is a
+      `modules_to_save` classifier as a linear head {'kernel', 'bias'} (else None); `config` is
+      the PEFT config.
 
   Raises:
     UnsupportedAdapterError: read_config's cases, LoRA on embeddings, modules_to_save other

@@ -144,7 +144,7 @@ def bottleneck_adapter(targets, size: int = 64, *, placement: str = 'sequential'
 
   Returns:
     An `Adapter` whose state is `{module path: {'down', 'down_bias', 'up', 'up_bias'}}`; it
-    has no merged tree (`pj.merge` raises `NotMergeableError`) and no `unmerge`.
+      has no merged tree (`pj.merge` raises `NotMergeableError`) and no `unmerge`.
 
   Example:
     adapter = pj.bottleneck_adapter([r'attention/output$', r'layer_\\d+/output$'], size=32)

@@ -20,7 +20,7 @@ def full(targets=('.*',)) -> Adapter:
 
   Returns:
     An `Adapter` whose state is `{path: array}` of the matched params (they replace the
-    frozen ones in `apply`), the rest frozen.
+      frozen ones in `apply`), the rest frozen.
 
   Example:
     >>> import jax, jax.numpy as jnp, peftjax as pj
@@ -48,7 +48,7 @@ def probe() -> Adapter:
 
   Returns:
     An `Adapter` with an empty state; the task's head (`head.kind` 'linear' or efficient
-    probing's 'attentive', `peftjax.tasks.heads`) is what trains.
+      probing's 'attentive', `peftjax.tasks.heads`) is what trains.
 
   Example:
     >>> import jax, jax.numpy as jnp, peftjax as pj

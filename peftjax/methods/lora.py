@@ -57,7 +57,7 @@ def lora(targets, rank: int = 8, alpha: float = 16.0, *, dropout: float = 0.0,
 
   Returns:
     An `Adapter` whose state is `{path: {'a': (in, r), 'b': (r, out)}}` and whose `apply`
-    returns `LowRank` leaves; invertible (`unmerge`).
+      returns `LowRank` leaves; invertible (`unmerge`).
 
   Raises:
     ValueError: an unknown init. `init` raises `PatternError` for a target that matches

@@ -213,8 +213,8 @@ def low_precision(adapter, bits: int = 1, *, leaves=None, init_scale: float = 1e
 
   Returns:
     An `Adapter` with the wrapped method's `init` (up to `init_scale`), state, `loss`, `tx`
-    and `unmerge`; `apply` runs the chosen tensors as Q(w), straight-through in training,
-    and its `codec` stores them as packed codes.
+      and `unmerge`; `apply` runs the chosen tensors as Q(w), straight-through in training,
+      and its `codec` stores them as packed codes.
 
   Raises:
     ValueError: bits not in `BITS`; a method that has its own file encoding (a `codec`); a

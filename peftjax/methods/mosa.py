@@ -94,7 +94,7 @@ def mosa(targets, size: int = 64, *, modules: int = 4, active: int = 1, seed: in
 
   Returns:
     An `Adapter` with state `{module path: {'down', 'down_bias', 'up', 'up_bias' (N, out)}}`;
-    `merge_mosa` turns it into a standard adapter. No merged tree (`pj.merge` raises).
+      `merge_mosa` turns it into a standard adapter. No merged tree (`pj.merge` raises).
 
   References:
     Zhang et al., "MoSA: Mixture of Sparse Adapters for Visual Efficient Tuning", 2023,
@@ -150,7 +150,7 @@ def merge_mosa(adapter: Adapter, state) -> tuple[Adapter, dict]:
 
   Returns:
     A `bottleneck_adapter` with MoSA's placement and sizes, and its state: run, save and
-    load it as any bottleneck adapter (the frozen tree is unchanged).
+      load it as any bottleneck adapter (the frozen tree is unchanged).
 
   References:
     Zhang et al., "MoSA: Mixture of Sparse Adapters for Visual Efficient Tuning", 2023,

@@ -314,7 +314,7 @@ def dvpt(targets, length: int = 10, size: int = 20, *, shared: bool = False,
 
   Returns:
     An `Adapter` with state `{block path (or 'shared'): {'tokens' (P, r), 'down', 'down_bias',
-    'up', 'up_bias'}}`; no merged tree.
+      'up', 'up_bias'}}`; no merged tree.
 
   References:
     He et al., "DVPT: Dynamic Visual Prompt Tuning of Large Pre-trained Models for

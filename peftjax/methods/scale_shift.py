@@ -178,7 +178,7 @@ def ia3(targets, feedforward=()) -> Adapter:
 
   Returns:
     An `Adapter` whose state is `{path: {'scale': l}}` (out per target) and
-    `{path: {'input_scale': l}}` (in per feedforward kernel).
+      `{path: {'input_scale': l}}` (in per feedforward kernel).
 
   Raises:
     PatternError: a pattern that matches no kernel.

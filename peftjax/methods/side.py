@@ -279,9 +279,9 @@ def side(targets, output: str, size: int = 64, *, fusion: str = 'residual',
 
   Returns:
     An `Adapter` with state `{tap path: {'down', 'down_bias', 'norm_scale', 'norm_bias'},
-    output path: {those, 'gate', 'gate_bias', 'proj', 'proj_bias', 'proj_norm_scale',
-    'proj_norm_bias', 'up', 'up_bias'}}`; no merged tree (`pj.merge` raises
-    `NotMergeableError`) and no `unmerge`.
+      output path: {those, 'gate', 'gate_bias', 'proj', 'proj_bias', 'proj_norm_scale',
+      'proj_norm_bias', 'up', 'up_bias'}}`; no merged tree (`pj.merge` raises
+      `NotMergeableError`) and no `unmerge`.
 
   Raises:
     ValueError: an unknown fusion or init, a bad size or mask, an output pattern that does
