@@ -97,6 +97,7 @@ def test_report_takes_median_over_rounds_and_states_ratios():
   assert 'peftjax LoRA ÷ full step time: 0.600' in text
 
 
+@pytest.mark.long  # the benchmark end to end with its torch rows
 def test_torch_twin_trains_what_the_config_trains(tmp_path):
   for module in ('torch', 'transformers', 'peft'):
     pytest.importorskip(module)
@@ -214,6 +215,7 @@ def test_llama_twin_loads_our_weights_and_matches_our_logits(tmp_path):
     bench_torch.load_llama_twin(directory, transformers, torch)
 
 
+@pytest.mark.long  # the benchmark end to end with its torch rows
 def test_lm_torch_twin_trains_what_the_config_trains(tmp_path):
   for module in ('torch', 'transformers', 'peft'):
     pytest.importorskip(module)
