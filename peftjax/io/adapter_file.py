@@ -28,7 +28,7 @@ from peftjax.core import calib
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter, describe_targets
 from peftjax.core.leaves import SparseDelta
-from peftjax.io.files import atomic_dir
+from peftjax.io.files import atomic_dir, read_json
 from peftjax.methods.sparse import index_dtype
 
 CONFIG_FILE = 'adapter_config.json'
@@ -83,12 +83,7 @@ def save_adapter(directory, adapter: Adapter, frozen, state, *, head=None,
 
 def read_adapter_config(directory) -> dict:
   path = pathlib.Path(directory) / CONFIG_FILE
-  try:
-    meta = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise AdapterFileError(f'no adapter at {directory}: {CONFIG_FILE} is missing') from None
-  except json.JSONDecodeError as e:
-    raise AdapterFileError(f'{path} is not valid JSON ({e})') from None
+  meta = read_json(path, AdapterFileError, f'no adapter at {directory}: {CONFIG_FILE} is missing')
   if meta.get('format') != FORMAT:
     raise AdapterFileError(f'{path}: expected format {FORMAT!r}, found {meta.get("format")!r}')
   return meta

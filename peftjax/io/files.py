@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -52,6 +53,18 @@ def atomic_write_bytes(path, data: bytes):
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def read_json(path, error: type[Exception], missing: str):
+  """The JSON at `path`; raises `error(missing)` where there is no file and `error` naming the
+  file where it is not valid JSON."""
+  path = pathlib.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise error(missing) from None
+  except json.JSONDecodeError as e:
+    raise error(f'{path} is not valid JSON ({e})') from None
 
 
 def _read_umask() -> int:

@@ -38,7 +38,7 @@ from peftjax.core import calib
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter, describe_targets
 from peftjax.io.adapter_file import AdapterFileError
-from peftjax.io.files import atomic_dir
+from peftjax.io.files import atomic_dir, read_json
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -278,12 +278,8 @@ def read_config(directory) -> dict:
       changes the computation (DoRA, biases, layer replication, ...).
   """
   path = pathlib.Path(directory) / CONFIG_FILE
-  try:
-    config = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise HfPeftError(f'no HF PEFT adapter at {directory}: {CONFIG_FILE} is missing') from None
-  except json.JSONDecodeError as e:
-    raise HfPeftError(f'{path} is not valid JSON ({e})') from None
+  config = read_json(path, HfPeftError,
+                     f'no HF PEFT adapter at {directory}: {CONFIG_FILE} is missing')
   if not isinstance(config, dict) or 'peft_type' not in config:
     raise HfPeftError(f'{path} is not an HF PEFT config (no peft_type)')
   if config['peft_type'] != 'LORA':
