@@ -90,7 +90,7 @@ def test_seeds_give_means_intervals_and_paired_differences(tmp_path):
     compare.check_rows(_with(c, seeds={**c.seeds.to_dict(), 'x': ['nope']}))
 
 
-@pytest.mark.long
+@pytest.mark.extended  # 6 minutes of processes; vit_transfer's tiny suite runs compare in CI
 def test_the_tiny_study_tabulates_every_row_composes_and_grafts(tmp_path):
   def study():
     return subprocess.run([sys.executable, '-m', 'experiments.run',
