@@ -113,6 +113,12 @@ def load_head(directory, like) -> dict:
   read_adapter_config(directory)
   tensors = _read_tensors(directory)
   found = {k[len('head/'):]: v for k, v in tensors.items() if k.startswith('head/')}
+  return fitting_head(found, like, directory)
+
+
+def fitting_head(found: dict, like, directory) -> dict:
+  """`found` (`{path: array}`, a head saved with the adapter in `directory`) with `like`'s
+  structure; raises `AdapterFileError` where its params or shapes differ from `like`'s."""
   expected = {k: tuple(v.shape) for k, v in P.flatten(like).items()}
   got = {k: tuple(v.shape) for k, v in found.items()}
   if got != expected:

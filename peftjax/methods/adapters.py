@@ -24,7 +24,6 @@ Deviations from the papers' code:
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -34,7 +33,7 @@ import numpy as np
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
 from peftjax.core.bottleneck import KEY, Bottleneck, check_options
-from peftjax.methods.common import module_paths, target_list
+from peftjax.methods.common import linear_init, module_paths, target_list
 
 INITS = ('zero_up', 'houlsby')
 
@@ -119,8 +118,7 @@ def projections(key, d_in: int, size: int, d_out: int, init: str, init_scale: fl
   if init == 'houlsby':  # adapter-bert: truncated normal (at 2 std) for both
     normal = lambda k, shape: jax.random.truncated_normal(k, -2.0, 2.0, shape) * init_scale
     return normal(k_down, (d_in, size)), normal(k_up, (size, d_out))
-  bound = 1.0 / math.sqrt(d_in)  # torch nn.Linear's default (kaiming_uniform, a = sqrt(5))
-  return (jax.random.uniform(k_down, (d_in, size), jnp.float32, -bound, bound),
+  return (linear_init(k_down, (d_in, size), d_in),
           jnp.zeros((size, d_out), jnp.float32))
 
 

@@ -1,12 +1,24 @@
 """Argument checks and target selection shared by the method families."""
 from __future__ import annotations
 
+import math
+
+import jax
+import jax.numpy as jnp
+
 from peftjax.core import paths as P
 
 
 def target_list(targets) -> list[str]:
   """`targets` (one regex or several) as a list, as configs record it."""
   return list([targets] if isinstance(targets, str) else targets)
+
+
+def linear_init(key, shape, fan_in: int, dtype=jnp.float32):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's `nn.Linear` weight init (kaiming_uniform with
+  a = sqrt(5))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def module_paths(flat: dict) -> dict[str, None]:

@@ -7,7 +7,6 @@ rsLoRA: "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (Kalajdz
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -15,7 +14,8 @@ import jax.numpy as jnp
 
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
-from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
+from peftjax.methods.common import (check_dropout, check_rank, linear_init, select_matrices,
+                                    target_list)
 from peftjax.methods.low_rank import low_rank, scaling
 
 INITS = ('zeros', 'kaiming_uniform', 'gaussian', 'orthogonal')
@@ -32,9 +32,8 @@ def scale_of(config: dict) -> Callable[[str, int], float]:
 def _init(kind: str, key, shape, rank: int, fan_in: int, dtype):
   if kind == 'zeros':
     return jnp.zeros(shape, dtype)
-  if kind == 'kaiming_uniform':  # torch's Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  if kind == 'kaiming_uniform':  # torch's Linear default
+    return linear_init(key, shape, fan_in, dtype)
   if kind == 'gaussian':  # HF PEFT's init_lora_weights='gaussian': N(0, 1/r)
     return jax.random.normal(key, shape, dtype) / rank
   if kind == 'orthogonal':

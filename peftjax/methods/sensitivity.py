@@ -53,7 +53,8 @@ from peftjax.core import calib as C
 from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter, is_entry
 from peftjax.core.leaves import LowRank, SparseDelta, is_structured
-from peftjax.methods.common import check_dropout, check_rank, select_matrices, target_list
+from peftjax.methods.common import (check_dropout, check_rank, linear_init, select_matrices,
+                                    target_list)
 from peftjax.methods.sparse import ranked, restored_indices, split_positions
 
 
@@ -207,8 +208,7 @@ def spt(targets, budget: int | float = 0.005, threshold: float = 0.1, rank: int 
     for key, path in zip(jax.random.split(rng, len(chosen)), chosen):
       w = flat[path]
       if path in lora:
-        bound = 1.0 / math.sqrt(w.shape[0])
-        state[path] = {'a': jax.random.uniform(key, (w.shape[0], rank), w.dtype, -bound, bound),
+        state[path] = {'a': linear_init(key, (w.shape[0], rank), w.shape[0], w.dtype),
                        'b': jnp.zeros((rank, w.shape[1]), w.dtype)}
       elif path in entries:
         k = len(entries[path])

@@ -51,7 +51,6 @@ Deviations from the official code:
 """
 from __future__ import annotations
 
-import math
 import re
 
 import jax
@@ -63,7 +62,7 @@ from peftjax.core import paths as P
 from peftjax.core.adapter import Adapter
 from peftjax.core.bottleneck import Inserted
 from peftjax.methods.adapters import check_size
-from peftjax.methods.common import module_paths, target_list
+from peftjax.methods.common import linear_init, module_paths, target_list
 from peftjax.methods.prompts import check_mask, mask_argument
 
 KEY = 'side'  # the key of the tap or output module in its host module's params
@@ -245,13 +244,8 @@ def output_widths(params, targets, widths: dict | None = None, *,
   return out
 
 
-def _uniform(key, fan_in: int, shape):
-  bound = 1.0 / math.sqrt(fan_in)  # torch nn.Linear's default (kaiming_uniform, a = sqrt(5))
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def _projection(key, width: int, size: int) -> dict:
-  return {'down': _uniform(key, width, (width, size)),
+  return {'down': linear_init(key, (width, size), width),
           'down_bias': jnp.zeros((size,), jnp.float32),
           'norm_scale': jnp.ones((size,), jnp.float32),
           'norm_bias': jnp.zeros((size,), jnp.float32)}
@@ -323,12 +317,12 @@ def side(targets, output: str, size: int = 64, *, fusion: str = 'residual',
     keys = jax.random.split(rng, len(taps) + 1)
     state = {p: _projection(k, d, size) for k, (p, d) in zip(keys[1:], taps.items())}
     k_anchor, k_gate, k_proj, k_up = jax.random.split(keys[0], 4)
-    up = (_uniform(k_up, size, (size, width)) if init == 'uniform'
+    up = (linear_init(k_up, (size, width), size) if init == 'uniform'
           else jnp.zeros((size, width), jnp.float32))
     state[out_path] = {**_projection(k_anchor, width, size),
-                       'gate': _uniform(k_gate, size, (size, 1)),
+                       'gate': linear_init(k_gate, (size, 1), size),
                        'gate_bias': jnp.zeros((1,), jnp.float32),
-                       'proj': _uniform(k_proj, size, (size, size)),
+                       'proj': linear_init(k_proj, (size, size), size),
                        'proj_bias': jnp.zeros((size,), jnp.float32),
                        'proj_norm_scale': jnp.ones((size,), jnp.float32),
                        'proj_norm_bias': jnp.zeros((size,), jnp.float32),

@@ -47,7 +47,7 @@ from peftjax import methods, tasks
 from peftjax.core import paths as P
 from peftjax.core.adapter import frozen_params, num_params, summary
 from peftjax.io import hf_peft
-from peftjax.io.adapter_file import load_adapter, load_head, save_adapter
+from peftjax.io.adapter_file import fitting_head, load_adapter, load_head, save_adapter
 from peftjax.io.files import atomic_write_text
 from peftjax.models import Model
 from peftjax.parallel import sharding as PS
@@ -191,7 +191,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
     adapter, frozen, adapter_state, saved_head = _saved_adapter(config.method.init, adapter,
                                                                 model.params)
     if saved_head is not None and not config.head.init:  # an imported classifier
-      head = _fitting_head(saved_head, head, config.method.init)
+      head = fitting_head(P.flatten(saved_head), head, config.method.init)
   else:
     calib = task.calibration(head, lambda: itertools.islice(
         task.batches('train', tc.batch_size, seed=config.seed, epoch=0),
@@ -399,15 +399,6 @@ def _saved_adapter(directory, adapter, params):
     raise ValueError(f'method.init: the adapter in {directory} is {saved.config}, but the '
                      f'config asks for {adapter.config}')
   return adapter, frozen, state, None
-
-
-def _fitting_head(saved, like, directory):
-  """`saved` (a head from an adapter file), checked against the shapes of `like`."""
-  shapes = lambda tree: {k: tuple(np.shape(v)) for k, v in P.flatten(tree).items()}
-  if shapes(saved) != shapes(like):
-    raise ValueError(f'the head in {directory} is {shapes(saved)}; this task\'s head is '
-                     f'{shapes(like)}')
-  return jax.tree.map(jnp.asarray, saved)
 
 
 def _shapes(batch) -> tuple:
