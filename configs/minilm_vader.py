@@ -5,7 +5,8 @@ COMMAND: python -m experiments.run --config=configs/minilm_vader.py:METHOD --wor
 METHOD is any name of `peftjax.methods.REGISTRY` (default `lora`): LoRA at rank 8, alpha 16,
 dropout 0.1 on every encoder kernel; the other methods on the same kernels with their own
 (paper) defaults; `s2ft` with its defaults on MiniLM's 12 heads; `sara` with the official
-optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)); `full` (lr 5e-5) and `probe`
+run's settings: the optimiser's lr for its threshold (1e-3 * exp(-350 * 2e-3)), cosine decay,
+the progressive re-selection halfway through; `full` (lr 5e-5) and `probe`
 (the head alone). `adapter` and `mosa` insert bottleneck modules of width 32 (about LoRA's
 trainable count) after each sub-layer's output projection (Houlsby's placement, sequential
 with the residual); `low_precision` trains that adapter quantised to 1 bit. `vpt` and `dvpt`
@@ -35,7 +36,7 @@ LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2, 'sara': sara_lr()}
 LEARNING_RATES |= {'ssf': 5e-3, 'ia3': 3e-3, 'bitfit': 1e-3}
 # R-AMT's official Adam lr for its masks (8e-5, cosine); the new head learns at the usual 1e-3.
 LEARNING_RATES |= {'mask_tuning': 8e-5}
-SCHEDULES = {'mask_tuning': 'cosine'}
+SCHEDULES = {'mask_tuning': 'cosine', 'sara': 'cosine'}
 HEAD_LEARNING_RATES = {'graft': 0.0, 'mask_tuning': 1e-3}  # default: the method's lr
 NO_WEIGHT_DECAY = ('ssf', 'ia3', 'bitfit', 'ln_tuning')
 # The scale-and-shift methods on MiniLM's layout (BitFit and LN tuning: their defaults).
@@ -65,6 +66,8 @@ def method_config(name: str) -> dict:
     return {'name': name, 'targets': ADAPTER_TARGETS, 'size': 32}
   if name == 'graft':
     return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
+  if name == 'sara':  # the official run: selected again at step 2500 of 5005
+    return {'name': name, 'targets': TARGETS, 'progressive': 0.5}
   if name == 'mask_tuning':  # the official settings: attention only (MASK_MLP False), MASK_LOSS
     return {'name': name, 'targets': (r'attention/(query|key|value|output)/kernel$',),
             'reg': 1e-4}

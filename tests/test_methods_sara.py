@@ -1,22 +1,26 @@
 """SaRA (`peftjax.methods.sparse_low_rank`): one absolute threshold on |W|, the nuclear-norm
 term on the trained sparse matrices, and the progressive re-selection, inside the stock-layer
-model of `test_tasks_custom_model` with the trainer's step."""
+model of `test_tasks_custom_model` with the trainer's step and in the trainer's runs."""
 from __future__ import annotations
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 import peftjax as pj
+from peftjax import tasks
 from peftjax.core import paths as P
 from peftjax.methods import sparse_low_rank as SR
 from peftjax.train import step as T
+from peftjax.train.loop import train
 from test_methods_sparse import KERNELS, _train
 from test_tasks_custom_model import Majority
+from tiny_runs import adapter_tensors, tiny, train_losses
 
 
 def _merged(adapter, frozen, state):
@@ -166,9 +170,11 @@ def test_the_nuclear_norm_subgradient_drops_zero_singular_directions():
 def test_progressive_reselection_keeps_trained_values_and_selects_what_stayed_below(tmp_path):
   """Phase 1 trains the entries below the threshold; `reselect` keeps every trained value
   and selects those of phase 1's selection whose trained |W| is still below it; phase 2
-  (new optimiser moments, the same step function) moves those alone."""
+  (new optimiser moments, the same step function) moves those alone; `restate` gives the
+  first selection's state of the result."""
   task, threshold = Majority(), 0.1
-  adapter = pj.sara(KERNELS, threshold=threshold, lambda_rank=1e-3, rank_min_dim=0)
+  adapter = pj.sara(KERNELS, threshold=threshold, lambda_rank=1e-3, rank_min_dim=0,
+                    progressive=0.5)
   frozen, state = adapter.init(jax.random.key(0), task.model.params)
   tx = optax.adam(0.05)
   step = jax.jit(T.make_train_step(task, adapter, tx, seed=0))
@@ -183,7 +189,7 @@ def test_progressive_reselection_keeps_trained_values_and_selects_what_stayed_be
 
   state = run(frozen, state, range(4))
   phase1 = {p: np.asarray(v) for p, v in P.flatten(merge(frozen, state)).items()}
-  frozen2, state2 = SR.reselect(adapter, frozen, state)
+  frozen2, state2 = adapter.reselection.reselect(frozen, state)
   jax.tree.map(np.testing.assert_array_equal, merge(frozen2, state2),
                P.unflatten(phase1))  # every trained value kept
   dropped = kept = 0
@@ -211,6 +217,8 @@ def test_progressive_reselection_keeps_trained_values_and_selects_what_stayed_be
     outside[_selected(frozen, path)] = False
     np.testing.assert_array_equal(after[outside], np.asarray(base[path]).ravel()[outside])
     assert (after[new] != phase1[path].ravel()[new]).mean() > 0.9, path
+  restated = adapter.reselection.restate(frozen, frozen2, state2)
+  jax.tree.map(np.testing.assert_array_equal, merge(frozen, restated), P.unflatten(phase2))
 
 
 def test_bad_arguments_are_clear_errors():
@@ -227,9 +235,6 @@ def test_bad_arguments_are_clear_errors():
     pj.sara('nothing_matches').init(jax.random.key(0), params)
   with pytest.raises(ValueError, match=r'fraction must be in \(0, 1\]'):
     SR.threshold_at(params, 'kernel', 1.5)
-  sparse = pj.sparse_ft('kernel')
-  with pytest.raises(ValueError, match="reselect takes a sara adapter, got 'sparse_ft'"):
-    SR.reselect(sparse, *sparse.init(jax.random.key(0), params))
   adapter = pj.sara('kernel', threshold=0.1, rank_min_dim=0)
   _, state = adapter.init(jax.random.key(0), params)
   state['up/kernel'] = {'values': state['up/kernel']['values'][:-1]}
@@ -237,3 +242,93 @@ def test_bad_arguments_are_clear_errors():
     pj.regularizer(adapter, state)
   assert pj.sara('kernel', lambda_rank=0.0).loss is None
   assert SR.sara_lr(2e-3) == pytest.approx(1e-3 * np.exp(-0.7))
+
+
+@pytest.fixture(scope='module')
+def progressive_run(tmp_path_factory):
+  """A tiny BERT run of the study's `sara` config, re-selected after 3 of its 10 steps."""
+  workdir = tmp_path_factory.mktemp('sara_progressive')
+  return workdir, train(_progressive(tiny('sara')), workdir)
+
+
+def _progressive(config):
+  config.method.progressive = 0.3  # round(0.3 * 10 steps): after step 3
+  return config
+
+
+def test_a_run_selects_again_and_the_entries_left_out_stay_as_trained(progressive_run):
+  """After the re-selection the entries of the first selection that grew to |W| >= threshold
+  keep their trained values bit for bit (no gradient, no weight decay), those still below
+  train on, and the best adapter is saved in init's selection, merged values included."""
+  workdir, summary = progressive_run
+  params = tasks.build(tiny('sara')).model.params
+  adapter, frozen, at_reselect, _, _ = pj.load_adapter(workdir / 'reselected', params)
+  _, frozen_best, best, _, _ = pj.load_adapter(workdir / 'adapter', params)
+  assert summary['best_epoch'] >= 1  # after step 5: after the re-selection
+  threshold = adapter.config['threshold']
+  kept = moved = 0
+  for path, st in at_reselect.items():
+    np.testing.assert_array_equal(_selected(frozen_best, path), _selected(frozen, path))
+    before, after = np.asarray(st['values']), np.asarray(best[path]['values'])
+    fixed = np.abs(before) >= threshold
+    np.testing.assert_array_equal(after[fixed], before[fixed])
+    kept, moved = kept + fixed.sum(), moved + (after[~fixed] != before[~fixed]).sum()
+    assert (after[~fixed] != before[~fixed]).mean() > 0.9, path
+  assert kept > 5 and moved > 100, (kept, moved)
+  head = sum(v.size for k, v in adapter_tensors(workdir).items() if k.startswith('head/'))
+  assert summary['trainable_params'] == pj.num_params(best) + head
+
+
+def test_a_run_resumed_after_the_re_selection_continues_bit_exactly(progressive_run, tmp_path):
+  reference, summary = progressive_run
+  with pytest.raises(SystemExit, match='halted at step 7'):
+    train(_progressive(tiny('sara')), tmp_path, halt_at_step=7)  # after the step-6 checkpoint
+  resumed = train(_progressive(tiny('sara')), tmp_path, resume=True)
+  assert train_losses(tmp_path) == train_losses(reference)
+  assert resumed['test_accuracy'] == summary['test_accuracy']
+  a, b = adapter_tensors(tmp_path), adapter_tensors(reference)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_the_method_optimiser_starts_again_with_the_schedule_going_on():
+  """`restart_adapter`: the adapter's first update after a restart is Adam's first step
+  (lr(t) * g / (|g| + eps), bias-corrected moments started again) at the schedule's current
+  lr(t), not its start; the head's AdamW state is left as it was."""
+  config = ml_collections.ConfigDict({
+      'lr': 0.1, 'weight_decay': 0.0, 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8,
+      'schedule': 'cosine', 'warmup_steps': 2, 'clip_norm': 0.0, 'head_lr_scale': 1.0})
+  total = 20
+  tx = T.make_optimizer(config, pj.sparse_ft('kernel'), total)
+  rng = np.random.default_rng(0)
+  params = {'adapter': {'w': {'values': jnp.asarray(rng.normal(size=6), jnp.float32)}},
+            'head': {'kernel': jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}}
+
+  def grads(tree):
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), tree)
+
+  state = tx.init(params)
+  for _ in range(7):
+    updates, state = tx.update(grads(params), state, params)
+    params = optax.apply_updates(params, updates)
+  smaller = {**params, 'adapter': {'w': {'values': params['adapter']['w']['values'][:4]}}}
+  restarted = T.restart_adapter(state, tx.init(smaller))
+  g = grads(smaller)
+  updates, after = tx.update(g, restarted, smaller)
+  lr = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, total)(7)
+  gw = np.asarray(g['adapter']['w']['values'])
+  np.testing.assert_allclose(updates['adapter']['w']['values'], -lr * gw / (np.abs(gw) + 1e-8),
+                             rtol=1e-5)
+  # The head's update is the one it would have had without the restart.
+  np.testing.assert_array_equal(updates['head']['kernel'],
+                                tx.update({**g, 'adapter': grads(params['adapter'])}, state,
+                                          params)[0]['head']['kernel'])
+  assert int(after.adapter[0][0].count) == 1 and int(after.head[0][0].count) == 8
+
+
+def test_a_chain_cannot_hold_a_progressive_method():
+  with pytest.raises(ValueError, match='a chain cannot select again partway through a run'):
+    pj.chain(pj.lora('kernel', rank=2), pj.sara('kernel', progressive=0.5))
+  with pytest.raises(ValueError, match=r'progressive must be a fraction of the run in \[0, 1\)'):
+    pj.sara('kernel', progressive=1.0)
+  assert pj.sara('kernel').reselection is None
+  assert pj.sara('kernel', progressive=0.5).reselection.at == 0.5

@@ -41,6 +41,21 @@ class Guide(NamedTuple):
   combine: Callable[[jax.Array, Any, Any], Any]
 
 
+class Reselection(NamedTuple):
+  """Selects again what a method trains, partway through a run (SaRA's progressive schedule).
+
+  After `round(at * total_steps)` steps the trainer replaces `(frozen, state)` by
+  `reselect(frozen, state)` (same merged model, other entries trained), starts the method's
+  optimiser state again (moments and step count; the learning-rate schedule and the head's
+  optimiser go on) and trains on. Adapter files hold the state of `init`'s selection:
+  `restate(frozen, frozen_now, state_now)`, with `init`'s frozen tree, is the state giving the
+  model of the current `(frozen_now, state_now)`.
+  """
+  at: float
+  reselect: Callable[[Any, Any], tuple[Any, Any]]
+  restate: Callable[[Any, Any, Any], Any]
+
+
 class Adapter(NamedTuple):
   """A fine-tuning method: pure functions over a Flax param tree and the JSON that rebuilds it.
 
@@ -69,6 +84,7 @@ class Adapter(NamedTuple):
       masks); None: its arrays as they are.
     guide: a `Guide`: a second gradient from the gap between the adapted model's predictions
       and a reference model's (mask tuning's gradient dropout).
+    reselection: a `Reselection`: what trains is selected again partway through a run.
 
   Example:
     A new method: a learned offset added to each targeted kernel (invertible, so it unmerges).
@@ -108,6 +124,7 @@ class Adapter(NamedTuple):
   describe: Callable[[Any, Any], dict] | None = None
   codec: Codec | None = None  # the state in adapter files (None: its arrays as they are)
   guide: Guide | None = None  # a second gradient from the reference model's predictions
+  reselection: Reselection | None = None  # selected again partway through a run
 
 
 class NotMergeableError(TypeError):
@@ -280,8 +297,9 @@ def chain(*adapters: Adapter) -> Adapter:
       `{'method': 'chain', 'adapters': [each config]}`.
 
   Raises:
-    ValueError: no method given, or more than one guided method; at `init`, a method after
-      the first re-based the frozen tree.
+    ValueError: no method given, more than one guided method, or a method that selects again
+      partway through a run (`Reselection`); at `init`, a method after the first re-based
+      the frozen tree.
 
   Example:
     >>> import jax, jax.numpy as jnp, peftjax as pj
@@ -293,6 +311,10 @@ def chain(*adapters: Adapter) -> Adapter:
   """
   if not adapters:
     raise ValueError('chain needs at least one method')
+  reselecting = [a.config.get('method') for a in adapters if a.reselection is not None]
+  if reselecting:
+    raise ValueError(f'a chain cannot select again partway through a run; {reselecting} would '
+                     '(train it alone, or without its progressive schedule)')
 
   def init(rng, params, *, calib=None):
     rngs = jax.random.split(rng, len(adapters))

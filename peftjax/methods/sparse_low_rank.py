@@ -31,14 +31,19 @@ Only the values train and are saved; `load_adapter` restores the indices from th
 Progressive parameter adjustment: partway through training (the official run: step 2500 of
 5005) the selection is made again on the trained weights with the same threshold. Entries
 that grew to |W| >= threshold stay at their trained values, frozen; those still below keep
-training, with new optimiser moments (`optim/adamw.py` builds a new optimiser over them).
-`reselect(adapter, frozen, state)` returns that frozen tree and state: the trained values of
-every entry are kept (the merged model is unchanged) and the new mask is M ∩ {|W'| < θ}.
-The trainer does not call it; a run that uses the schedule trains T_p steps, calls
-`reselect`, starts its optimiser state again on the new state (`tx.init`) and trains on with
-the same step function (it traces again for the new shapes). A stage chain whose second
-stage starts `'merged'` from the first (`peftjax.train.stages`) selects the same entries,
-but also starts the task head, the learning-rate schedule and the data order again.
+training, with new optimiser moments (`optim/adamw.py` builds a new optimiser over them, while
+the learning-rate scheduler goes on). `progressive=f` has the trainer do this after a fraction
+f of the run's steps (`core.adapter.Reselection`; `configs/minilm_vader.py:sara` takes 0.5).
+`adapter.reselection.reselect(frozen, state)` returns the new frozen tree and state, matrix
+by matrix from the selected entries: every trained value kept (the merged model is
+unchanged), the new mask M ∩ {|W'| < θ}. The trainer then starts the method's AdamW state
+again (moments and bias-correction count; the schedule and the head's optimiser go on). As
+the official `save_params`, adapter files hold the first selection's entries at their
+trained values (`restate`); a run resumed after the re-selection selects again from the
+adapter saved at that step (`WORKDIR/reselected`). Without `progressive`, a stage chain
+whose second stage starts `'merged'` from the first (`peftjax.train.stages`) selects the
+same entries, but also starts the task head, the learning-rate schedule and the data order
+again.
 
 Deviations from the official code:
 - targets are the 2-D matrices `targets` matches; the official optimiser thresholds every
@@ -74,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.core import paths as P
-from peftjax.core.adapter import Adapter, merge
+from peftjax.core.adapter import Adapter, Reselection
 from peftjax.core.calib import Restored
 from peftjax.core.leaves import SparseDelta
 from peftjax.methods.common import select_matrices, target_list
@@ -87,11 +92,13 @@ RANK_MIN_DIM = 64  # official: matrices with min(shape) > 64 get the low-rank te
 
 
 def sara(targets, threshold: float = THRESHOLD, lambda_rank: float = LAMBDA_RANK, *,
-         rank_min_dim: int = RANK_MIN_DIM, rank_all: bool = False) -> Adapter:
+         rank_min_dim: int = RANK_MIN_DIM, rank_all: bool = False,
+         progressive: float = 0.0) -> Adapter:
   """Trains the entries of the 2-D params `targets` matches with |W| < `threshold`, with the
   nuclear-norm term `lambda_rank * ||P||_*` of one matrix drawn per step among those with
-  min(shape) > `rank_min_dim`, or with `rank_all` the mean over all of them (module
-  docstring; `reselect` for the progressive schedule).
+  min(shape) > `rank_min_dim`, or with `rank_all` the mean over all of them; `progressive`
+  in (0, 1): the trainer selects again after that fraction of the run's steps (module
+  docstring; 0: never).
 
   References:
     Hu et al., "SaRA: High-Efficient Diffusion Model Fine-tuning with Progressive Sparse
@@ -105,12 +112,15 @@ def sara(targets, threshold: float = THRESHOLD, lambda_rank: float = LAMBDA_RANK
     raise ValueError(f'sara lambda_rank must be >= 0, got {lambda_rank!r}')
   if not (isinstance(rank_min_dim, int) and rank_min_dim >= 0):
     raise ValueError(f'sara rank_min_dim must be an int >= 0, got {rank_min_dim!r}')
+  if not (isinstance(progressive, numbers.Real) and 0.0 <= progressive < 1.0):
+    raise ValueError(f'sara progressive must be a fraction of the run in [0, 1) (0: no '
+                     f're-selection), got {progressive!r}')
   config = {'method': 'sara', 'targets': targets, 'threshold': float(threshold),
             'lambda_rank': float(lambda_rank), 'rank_min_dim': rank_min_dim,
-            'rank_all': bool(rank_all)}
-  # The selection of the latest `init` (shape, index) per matrix under the low-rank term:
-  # `loss` sees only the state.
-  ranked: dict[str, tuple[tuple[int, int], jax.Array]] = {}
+            'rank_all': bool(rank_all), 'progressive': float(progressive)}
+  # Under the low-rank term, per matrix: the (shape, index) of the latest `init` that selected
+  # that many entries (`loss` sees only the state; a re-selection selects fewer).
+  ranked: dict[str, dict[int, tuple[tuple[int, int], jax.Array]]] = {}
 
   def init(rng, params, *, calib=None):
     del rng
@@ -123,19 +133,35 @@ def sara(targets, threshold: float = THRESHOLD, lambda_rank: float = LAMBDA_RANK
         smallest = min(float(np.abs(np.asarray(flat[p], np.float32)).min()) for p in chosen)
         raise ValueError(f'sara: no entry of the targets has |W| < threshold {threshold:g} '
                          f'(the smallest |W| is {smallest:g})')
-    ranked.clear()
     state = {}
-    for path in index:
-      w = np.asarray(flat[path])  # on the host, as the selection: no per-shape compiles
-      rest = w.copy()
-      rest.reshape(-1)[index[path]] = 0
-      idx = jnp.asarray(index[path], jnp.int32)
-      values = jnp.asarray(w.reshape(-1)[index[path]])
-      flat[path] = SparseDelta(jnp.asarray(rest), idx, jnp.zeros_like(values), None)
-      state[path] = {'values': values}
-      if min(w.shape) > rank_min_dim:
-        ranked[path] = (tuple(w.shape), idx)
+    for path in index:  # on the host, as the selection: no per-shape compiles
+      flat[path], state[path] = selected(path, np.array(flat[path]), index[path])
     return P.unflatten(flat), state
+
+  def selected(path, w: np.ndarray, index: np.ndarray):
+    """The leaf of the matrix `w` (overwritten) training the entries at the flat `index`,
+    and their state; registered for the low-rank term."""
+    values = jnp.asarray(w.reshape(-1)[index])
+    w.reshape(-1)[index] = 0
+    idx = jnp.asarray(index, jnp.int32)
+    if min(w.shape) > rank_min_dim:
+      ranked.setdefault(path, {})[idx.size] = (tuple(w.shape), idx)
+    return SparseDelta(jnp.asarray(w), idx, jnp.zeros_like(values), None), {'values': values}
+
+  def reselect(frozen, state):
+    """The progressive adjustment (module docstring): the entries of the selection whose
+    trained |W| is still below the threshold train on, the others stay at their trained
+    values in the frozen tree (the merged model is unchanged)."""
+    flat, again = P.flatten(frozen), {}
+    for path, st in state.items():
+      leaf, values = flat[path], np.asarray(st['values'])
+      index, w = np.asarray(leaf.index), np.array(leaf.w)
+      w.reshape(-1)[index] = values  # the trained matrix
+      below = index[np.abs(values) < threshold]
+      flat[path] = jnp.asarray(w)
+      if below.size:
+        flat[path], again[path] = selected(path, w, below)
+    return P.unflatten(flat), again
 
   def apply(frozen, state):
     return with_values(frozen, state, 'sara')
@@ -143,20 +169,21 @@ def sara(targets, threshold: float = THRESHOLD, lambda_rank: float = LAMBDA_RANK
   def loss(state):
     if not ranked:
       return jnp.zeros((), jnp.float32)
-    values = {}
-    for path, (_, idx) in ranked.items():
+    values, norms = {}, []
+    for path, selections in ranked.items():
       values[path] = state.get(path, {}).get('values')
-      if values[path] is None or values[path].shape != idx.shape:
-        found = None if values[path] is None else tuple(values[path].shape)
-        raise ValueError(f'sara: the low-rank term expects {idx.shape[0]} values for {path} '
-                         f"(the latest init's selection), the state has {found}")
-    norms = [functools.partial(_masked_nuclear_norm, path, *ranked[path]) for path in ranked]
+      count = None if values[path] is None else values[path].shape[0]
+      if count not in selections:
+        raise ValueError(f'sara: the low-rank term expects {" or ".join(map(str, selections))} '
+                         f'values for {path} (the selections of init), the state has {count}')
+      norms.append(functools.partial(_masked_nuclear_norm, path, *selections[count]))
     if rank_all or len(norms) == 1:
       return lambda_rank * sum(norm(values) for norm in norms) / len(norms)
     return lambda_rank * jax.lax.switch(draw(values, len(norms)), norms, values)
 
   return Adapter(init=init, apply=apply, config=config, loss=loss if lambda_rank else None,
-                 describe=describe_values)
+                 describe=describe_values,
+                 reselection=Reselection(progressive, reselect, restate) if progressive else None)
 
 
 def _masked_nuclear_norm(path, shape, index, values):
@@ -198,15 +225,18 @@ def _nuclear_norm_bwd(residuals, g):
 nuclear_norm.defvjp(_nuclear_norm_fwd, _nuclear_norm_bwd)
 
 
-def reselect(adapter: Adapter, frozen, state, rng=None):
-  """The progressive parameter adjustment (module docstring): `(frozen, state)` selecting
-  the entries of the current selection whose trained |W| is still below the threshold,
-  every trained value kept (the merged model is unchanged). It is `adapter.init` on the
-  merged weights: entries outside the selection are the base's, at or above the threshold."""
-  if adapter.config.get('method') != 'sara':
-    raise ValueError(f"reselect takes a sara adapter, got {adapter.config.get('method')!r}")
-  rng = jax.random.key(0) if rng is None else rng
-  return adapter.init(rng, jax.jit(functools.partial(merge, adapter))(frozen, state))
+def restate(frozen, frozen_now, state_now) -> dict:
+  """The state of `init`'s selection (`frozen`) whose model is that of the re-selected
+  `(frozen_now, state_now)`: every entry of the first selection at its trained value."""
+  now, out = P.flatten(frozen_now), {}
+  for path, leaf in P.flatten(frozen).items():
+    if isinstance(leaf, SparseDelta):
+      index, current = np.asarray(leaf.index), now[path]
+      trained = np.asarray(getattr(current, 'w', current)).reshape(-1)[index]
+      if isinstance(current, SparseDelta):  # where it trains on: the state's values
+        trained[np.searchsorted(index, np.asarray(current.index))] = state_now[path]['values']
+      out[path] = {'values': jnp.asarray(trained)}
+  return out
 
 
 def sara_lr(threshold: float = THRESHOLD) -> float:

@@ -12,7 +12,11 @@ test metrics of the best adapter, `summary.json`, `metrics.jsonl` and `curves.pn
 `resume=True` continues from the newest checkpoint with exactly the batches, dropout keys and
 optimiser state it would have had. Data-initialised methods (CorDA, EVA, LoRA-GA, SPT) get a lazy
 `Calibration` on the first `config.calibration.batches` training batches (deterministic, so
-a resume rebuilds it). `evaluate_adapter` measures a saved adapter on any split.
+a resume rebuilds it). A method with a `Reselection` (SaRA's progressive schedule) selects
+again after its fraction of the steps: the adapter there is saved in `WORKDIR/reselected`
+(a resumed run selects again from it), the method's optimiser state starts again, and the
+best adapter is kept and saved in init's selection. `evaluate_adapter` measures a saved
+adapter on any split.
 
 Scale-out: the run joins a multi-process job when `config.distributed` or the environment
 asks (`peftjax.parallel.mesh.init_distributed`), builds the (data, fsdp, tensor) mesh of
@@ -71,6 +75,8 @@ def method_from_config(config) -> methods.Adapter:
                      'another method: pick the method with the config\'s argument, e.g. '
                      f'--config=configs/minilm_vader.py:{config.name}') from None
 
+
+RESELECTED = 'reselected'  # the adapter where the method selected again (resumes start there)
 
 # Config keys that may change between a run and its resumption without changing its result
 # (the mesh and process layout change only the order of floating-point sums).
@@ -205,21 +211,45 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   if tc.max_steps:
     total_steps = min(total_steps, tc.max_steps)
   tx = S.make_optimizer(config.optimizer, adapter, total_steps)
+  reselection = adapter.reselection
+  reselect_at = round(reselection.at * total_steps) if reselection else 0
+  frozen_now = frozen  # the frozen tree of the current selection: init's until re-selected
+
+  def select_again(trainable, opt_state, step):
+    """The run placed again with the method's new selection of `trainable` (host arrays)."""
+    nonlocal frozen_now
+    frozen_now, again = reselection.reselect(frozen, trainable['adapter'])
+    new = prepare(config, task, adapter, frozen_now, {**trainable, 'adapter': again}, tx)
+    opt_state = S.restart_adapter(opt_state, fetch(new.state.opt_state))
+    sh = new.state_shardings
+    return new._replace(state=S.TrainState(put(np.int32(step), sh.step), new.state.trainable,
+                                           put(opt_state, sh.opt_state)))
+
+  def in_init_selection(trainable):
+    """`trainable` as the state of init's selection (what adapter files and `best` hold)."""
+    if frozen_now is frozen:
+      return trainable
+    return {**trainable, 'adapter': reselection.restate(frozen, frozen_now, trainable['adapter'])}
 
   run = prepare(config, task, adapter, frozen, {'adapter': adapter_state, 'head': head}, tx)
-  mesh, state, frozen_dev, shard = run.mesh, run.state, run.frozen, run.batch_sharding
-  train_step, eval_step = run.train_step, run.eval_step
+  mesh, state, shard = run.mesh, run.state, run.batch_sharding
   selection = task.selection
 
   def val_metrics():
-    return evaluate(task, eval_step, state.trainable, frozen_dev, 'val', tc.eval_batch_size,
+    return evaluate(task, run.eval_step, state.trainable, run.frozen, 'val', tc.eval_batch_size,
                     shard)
 
   sign = 1.0 if task.maximize else -1.0  # best_metric is stored as sign * metric
   pos = {'epoch': 0, 'batch': 0, 'best_metric': -math.inf, 'best_epoch': -1}
   best = None
   if resume and ckpt.latest_step() is not None:
-    state, pos = ckpt.restore(ckpt.latest_step(), state)
+    if reselect_at and ckpt.latest_step() >= reselect_at:  # saved after the re-selection
+      _, _, at_reselect, saved_head, _ = load_adapter(workdir / RESELECTED, model.params)
+      opt_state = fetch(state.opt_state)
+      state = run = None
+      run = select_again({'adapter': at_reselect, 'head': saved_head or {}}, opt_state,
+                         reselect_at)
+    state, pos = ckpt.restore(ckpt.latest_step(), run.state)
     if 'best_accuracy' in pos:  # written before tasks named their selection metric
       pos['best_metric'] = pos.pop('best_accuracy')
     if main:
@@ -232,11 +262,14 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   elif main:
     metrics.rewind(-1)
 
-  # Compile the task's batch shapes up front so the loop's steps/s measures training alone.
-  compiled = {}
-  for spec in task.batch_shapes(tc.batch_size):
-    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard) for k, v in spec.items()}
-    compiled[_shapes(spec)] = train_step.lower(state, frozen_dev, spec).compile()
+  def compile_steps():
+    """The train step compiled for the task's batch shapes up front, so that the loop's
+    steps/s measures training alone."""
+    specs = ({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard) for k, v in s.items()}
+             for s in task.batch_shapes(tc.batch_size))
+    return {_shapes(s): run.train_step.lower(state, run.frozen, s).compile() for s in specs}
+
+  compiled = compile_steps()
 
   step = int(state.step)
   if tc.get('eval_at_start') and step == 0:  # the starting point, e.g. a pretrained model's
@@ -276,7 +309,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
       if step >= total_steps:
         break
       batch = put_rows(rows, shard, tc.batch_size)
-      state, out = compiled.get(_shapes(batch), train_step)(state, frozen_dev, batch)
+      state, out = compiled.get(_shapes(batch), run.train_step)(state, run.frozen, batch)
       step += 1
       trained += 1
       pending.append((step, out['loss']))
@@ -285,6 +318,18 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
         flush(epoch)
         bar.close()
         raise SystemExit(f'halted at step {step} (halt_at_step)')
+      if step == reselect_at:  # before anything is saved at this step
+        flush(epoch)
+        train_time += time.perf_counter() - tic
+        trainable, opt_state = fetch((state.trainable, state.opt_state))
+        if main:  # what a resumed run selects again from
+          save_adapter(workdir / RESELECTED, adapter, frozen, trainable['adapter'],
+                       head=trainable['head'], base_model=model.model_id)
+        state = run = None  # the old selection leaves the devices first
+        run = select_again(trainable, opt_state, step)
+        state = run.state
+        compiled = compile_steps()
+        tic = time.perf_counter()
       if step % tc.log_every == 0:
         flush(epoch)
       mid_epoch = b + 1 < steps_per_epoch and step < total_steps  # else evaluated below
@@ -314,7 +359,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
                 ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
     if sign * val[selection] > pos['best_metric']:
       pos |= {'best_metric': sign * val[selection], 'best_epoch': epoch + 1}
-      best = fetch(state.trainable)
+      best = in_init_selection(fetch(state.trainable))
       if main:
         save_adapter(workdir / 'adapter', adapter, frozen, best['adapter'], head=best['head'],
                      base_model=model.model_id)
@@ -324,8 +369,11 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   bar.close()
   ckpt.close()
 
-  best = best if best is not None else fetch(state.trainable)
-  test = evaluate(task, eval_step, put(best, run.state_shardings.trainable), frozen_dev,
+  best = best if best is not None else in_init_selection(fetch(state.trainable))
+  if frozen_now is not frozen:  # `best` is in init's selection
+    state = run = None
+    run = prepare(config, task, adapter, frozen, best, tx)
+  test = evaluate(task, run.eval_step, put(best, run.state_shardings.trainable), run.frozen,
                   'test', tc.eval_batch_size, shard)
   adapter_file = workdir / 'adapter' / 'adapter.safetensors'
   result = {
@@ -333,8 +381,8 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
       **{f'test_{k}': v for k, v in test.items()},
       f'val_{selection}': sign * pos['best_metric'], 'best_epoch': pos['best_epoch'],
       'epochs': tc.epochs, 'steps': step,
-      'trainable_params': num_params(state.trainable),
-      'total_params': frozen_params(frozen) + num_params(state.trainable),
+      'trainable_params': num_params(best),
+      'total_params': frozen_params(frozen) + num_params(best),
       'train_steps_per_sec': trained / train_time if train_time else None,
       'adapter_path': str(adapter_file.absolute()),
       'adapter_bytes': adapter_file.stat().st_size if adapter_file.exists() else None,

@@ -31,51 +31,78 @@ class TrainState(NamedTuple):
 def make_optimizer(config, adapter: Adapter, total_steps: int = 0) -> optax.GradientTransformation:
   """AdamW (constant LR, or warm-up + cosine decay to 0 at `total_steps`). The raw gradients
   (adapter and head) are clipped to `clip_norm` first, then the method's own transform sees
-  the adapter's, as in the reference trainers of LoRA-Pro and SORSA. The head's updates are
-  `head_lr_scale` (default 1) times AdamW's: its learning rate scaled, 0 a frozen head."""
+  the adapter's, as in the reference trainers of LoRA-Pro and SORSA. The adapter and the head
+  have AdamW states of their own (`Parts`), so that the method's can start again alone
+  (`restart_adapter`). The head's updates are `head_lr_scale` (default 1) times AdamW's: its
+  learning rate scaled, 0 a frozen head."""
   lr = config.lr
   if config.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
                                             max(total_steps, config.warmup_steps + 1))
   elif config.schedule != 'constant':
     raise ValueError(f"optimizer.schedule {config.schedule!r}; expected 'constant' or 'cosine'")
-  parts = []
-  if config.clip_norm:
-    parts.append(optax.clip_by_global_norm(config.clip_norm))
-  method_tx = transform(adapter, config.lr)
-  if method_tx is not None:
-    parts.append(_on_adapter(method_tx))
-  parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.weight_decay))
   head_scale = config.get('head_lr_scale', 1.0)
   if head_scale < 0:
     raise ValueError(f'optimizer.head_lr_scale must be >= 0 (0 freezes the head), got '
                      f'{head_scale}')
-  if head_scale != 1.0:
-    parts.append(_on_head(optax.scale(head_scale)))
-  return optax.chain(*parts)
+
+  def adamw():
+    return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
+                       weight_decay=config.weight_decay)
+
+  method_tx = transform(adapter, config.lr)
+  on_adapter = optax.chain(*([method_tx] if method_tx is not None else []), adamw())
+  on_head = optax.chain(adamw(), *([optax.scale(head_scale)] if head_scale != 1.0 else []))
+  by_part = _by_part(on_adapter, on_head)
+  return optax.chain(optax.clip_by_global_norm(config.clip_norm), by_part) if config.clip_norm \
+      else by_part
 
 
-def _on_head(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """A stateless `tx` on the `head` part of `{'adapter', 'head'}` updates."""
+class Parts(NamedTuple):
+  """The optimiser states of the adapter's and the head's parts of the trainable tree."""
+  adapter: Any
+  head: Any
+
+
+def _by_part(on_adapter: optax.GradientTransformation,
+             on_head: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`on_adapter` on the `adapter` part of `{'adapter', 'head'}` trees, `on_head` on the
+  `head` part, each with its own state (`Parts`)."""
+
+  def init(params):
+    return Parts(on_adapter.init(params['adapter']), on_head.init(params['head']))
 
   def update(updates, state, params=None):
-    del params
-    head, state = tx.update(updates['head'], state)
-    return {**updates, 'head': head}, state
+    part = (lambda k: None) if params is None else params.get
+    adapter, adapter_state = on_adapter.update(updates['adapter'], state.adapter, part('adapter'))
+    head, head_state = on_head.update(updates['head'], state.head, part('head'))
+    return {**updates, 'adapter': adapter, 'head': head}, Parts(adapter_state, head_state)
 
-  return optax.GradientTransformation(lambda params: tx.init(params['head']), update)
+  return optax.GradientTransformation(init, update)
 
 
-def _on_adapter(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`tx` on the `adapter` part of `{'adapter', 'head'}` trees; the head passes through."""
+def restart_adapter(old, fresh):
+  """The optimiser state `old` with the adapter's part started again: its moments and step
+  count from `fresh` (`tx.init` of a re-selected state), its learning-rate schedule going on
+  from `old`; the head's part and the rest (clipping) stay `old`'s."""
+  if isinstance(fresh, Parts):
+    return Parts(_schedules_kept(old.adapter, fresh.adapter), old.head)
+  if isinstance(fresh, tuple) and len(fresh) == len(old):
+    return _rebuilt(fresh, map(restart_adapter, old, fresh))
+  return old
 
-  def update(updates, state, params=None):
-    adapted, state = tx.update(updates['adapter'], state,
-                               None if params is None else params['adapter'])
-    return {**updates, 'adapter': adapted}, state
 
-  return optax.GradientTransformation(lambda params: tx.init(params['adapter']), update)
+def _schedules_kept(old, fresh):
+  """`fresh`, with the learning-rate schedules' step counts of `old`."""
+  if isinstance(fresh, optax.ScaleByScheduleState):
+    return old
+  if isinstance(fresh, tuple) and type(old) is type(fresh) and len(fresh) == len(old):
+    return _rebuilt(fresh, map(_schedules_kept, old, fresh))
+  return fresh
+
+
+def _rebuilt(like: tuple, items) -> tuple:
+  return type(like)(*items) if hasattr(like, '_fields') else tuple(items)
 
 
 def init_state(trainable, tx) -> TrainState:
