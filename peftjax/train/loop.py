@@ -14,8 +14,8 @@ optimiser state it would have had. Data-initialised methods (CorDA, EVA, LoRA-GA
 `Calibration` on the first `config.calibration.batches` training batches (deterministic, so
 a resume rebuilds it). A method with a `Reselection` (SaRA's progressive schedule) selects
 again after its fraction of the steps: the adapter there is saved in `WORKDIR/reselected`
-(a resumed run selects again from it), the method's optimiser state starts again, and the
-best adapter is kept and saved in init's selection. `evaluate_adapter` measures a saved
+(a resumed run selects again from it), the method's optimiser state starts again, and
+adapter files hold the state in init's selection. `evaluate_adapter` measures a saved
 adapter on any split.
 
 Scale-out: the run joins a multi-process job when `config.distributed` or the environment
@@ -225,11 +225,12 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
     return new._replace(state=S.TrainState(put(np.int32(step), sh.step), new.state.trainable,
                                            put(opt_state, sh.opt_state)))
 
-  def in_init_selection(trainable):
-    """`trainable` as the state of init's selection (what adapter files and `best` hold)."""
-    if frozen_now is frozen:
+  def in_init_selection(trainable, selected):
+    """`trainable` of the selection whose frozen tree is `selected`, as the state of init's
+    selection (what adapter files hold)."""
+    if selected is frozen:
       return trainable
-    return {**trainable, 'adapter': reselection.restate(frozen, frozen_now, trainable['adapter'])}
+    return {**trainable, 'adapter': reselection.restate(frozen, selected, trainable['adapter'])}
 
   run = prepare(config, task, adapter, frozen, {'adapter': adapter_state, 'head': head}, tx)
   mesh, state, shard = run.mesh, run.state, run.batch_sharding
@@ -241,7 +242,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
 
   sign = 1.0 if task.maximize else -1.0  # best_metric is stored as sign * metric
   pos = {'epoch': 0, 'batch': 0, 'best_metric': -math.inf, 'best_epoch': -1}
-  best = None
+  best = best_frozen = None  # the best trainable tree, and the frozen tree of its selection
   if resume and ckpt.latest_step() is not None:
     if reselect_at and ckpt.latest_step() >= reselect_at:  # saved after the re-selection
       _, _, at_reselect, saved_head, _ = load_adapter(workdir / RESELECTED, model.params)
@@ -256,7 +257,7 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
       metrics.rewind(int(state.step))
     if pos['best_epoch'] >= 0:
       _, _, best_state, best_head, _ = load_adapter(workdir / 'adapter', model.params)
-      best = {'adapter': best_state, 'head': best_head}
+      best, best_frozen = {'adapter': best_state, 'head': best_head}, frozen
     if main:
       print(f'resumed at step {int(state.step)} (epoch {pos["epoch"]}, batch {pos["batch"]})')
   elif main:
@@ -359,9 +360,10 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
                 ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
     if sign * val[selection] > pos['best_metric']:
       pos |= {'best_metric': sign * val[selection], 'best_epoch': epoch + 1}
-      best = in_init_selection(fetch(state.trainable))
+      best, best_frozen = fetch(state.trainable), frozen_now
       if main:
-        save_adapter(workdir / 'adapter', adapter, frozen, best['adapter'], head=best['head'],
+        save_adapter(workdir / 'adapter', adapter, frozen,
+                     in_init_selection(best, best_frozen)['adapter'], head=best['head'],
                      base_model=model.model_id)
     save_checkpoint(epoch + 1, 0)
     if step >= total_steps:
@@ -369,10 +371,11 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
   bar.close()
   ckpt.close()
 
-  best = best if best is not None else in_init_selection(fetch(state.trainable))
-  if frozen_now is not frozen:  # `best` is in init's selection
+  if best is None:
+    best, best_frozen = fetch(state.trainable), frozen_now
+  if best_frozen is not frozen_now:  # the best came before the re-selection
     state = run = None
-    run = prepare(config, task, adapter, frozen, best, tx)
+    run = prepare(config, task, adapter, best_frozen, best, tx)
   test = evaluate(task, run.eval_step, put(best, run.state_shardings.trainable), run.frozen,
                   'test', tc.eval_batch_size, shard)
   adapter_file = workdir / 'adapter' / 'adapter.safetensors'
@@ -381,8 +384,8 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
       **{f'test_{k}': v for k, v in test.items()},
       f'val_{selection}': sign * pos['best_metric'], 'best_epoch': pos['best_epoch'],
       'epochs': tc.epochs, 'steps': step,
-      'trainable_params': num_params(best),
-      'total_params': frozen_params(frozen) + num_params(best),
+      'trainable_params': num_params(in_init_selection(best, best_frozen)),
+      'total_params': frozen_params(frozen) + num_params(in_init_selection(best, best_frozen)),
       'train_steps_per_sec': trained / train_time if train_time else None,
       'adapter_path': str(adapter_file.absolute()),
       'adapter_bytes': adapter_file.stat().st_size if adapter_file.exists() else None,
