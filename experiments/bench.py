@@ -20,6 +20,13 @@ compiles, warms up, then times `--steps` steps, each to `block_until_ready`. Rou
 interleave the configurations (lora, full, probe, lora, ...) so that machine noise hits all
 alike; the report gives the median over rounds of each round's median step time.
 
+Memory, two measures per configuration: the step memory of the compiled train step (XLA's
+memory analysis: arguments + outputs + temporaries - outputs aliased to donated arguments,
+per device), what an accelerator allocates for the step (weights, optimiser state, batch,
+activations, gradients); and the process's peak RSS, which on CPU adds the runtime, the
+compiler's heap, host copies of the params and freed memory the allocator keeps. On a GPU or
+TPU the device's own `peak_bytes_in_use` is reported as well.
+
 Where `torch`, `transformers` and `peft` are installed (in this interpreter or in
 `--torch_python`), the same steps also run in HF transformers + HF PEFT on the same weights
 (`experiments.bench_torch`): LoRA on the HF modules that the config's targets select, AdamW
@@ -97,6 +104,17 @@ def _setup(spec: dict):
                                          model.module.config.vocab_size)
 
 
+def step_memory(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled step, bytes per device: `arguments`, `outputs`,
+  `temporaries`, `aliased` (outputs written into donated arguments) and `total` = arguments +
+  outputs + temporaries - aliased, what a device allocates to run the step."""
+  m = compiled.memory_analysis()
+  out = {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
+         'temporaries': m.temp_size_in_bytes, 'aliased': m.alias_size_in_bytes}
+  out['total'] = out['arguments'] + out['outputs'] + out['temporaries'] - out['aliased']
+  return out
+
+
 def measure_jax(spec: dict) -> dict:
   """Times the trainer's train step for the config module `spec['config']`."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -132,10 +150,14 @@ def measure_jax(spec: dict) -> dict:
 
   measured = timed(step, spec)
   device = jax.devices()[0]
+  stats = device.memory_stats() or {}  # None on CPU
+  peak = stats.get('peak_bytes_in_use')
   return {
       'framework': JAX, 'method': config.method.name,
       'trainable_params': num_params(state.trainable), 'batch_shape': shape,
       **measured, 'setup_s': setup_s, 'compile_s': compile_s,
+      'step_memory': step_memory(compiled),
+      'device_peak_gb': None if peak is None else peak / 1e9,
       'info': {'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
                'backend': jax.default_backend(), 'device': str(device),
                'device_kind': device.device_kind, 'devices': jax.device_count(),
@@ -286,7 +308,8 @@ def _module(name: str) -> str:
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m experiments.bench', description=(
-      'Train-step time and peak RSS of the configs\' methods (LoRA vs full fine-tuning).'))
+      'Train-step time and peak memory of the configs\' methods (LoRA vs full '
+      'fine-tuning).'))
   parser.add_argument('--model', choices=('minilm', 'tiny', 'smollm2', 'tiny-llama'),
                       default='minilm',
                       help='pretrained MiniLM-L6 or a random 2-layer BERT (for tests); '
@@ -361,7 +384,9 @@ def main(argv=None) -> int:
           res = run_child(spec, args.torch_python)
         results[name].append(res)
         done = ('failed: ' + res['error'].splitlines()[-1] if 'error' in res else
-                f'{res["median_ms"]:.1f} ms/step, peak RSS {res["peak_rss_gb"]:.2f} GB')
+                f'{res["median_ms"]:.1f} ms/step, peak RSS {res["peak_rss_gb"]:.2f} GB' +
+                (f', step memory {res["step_memory"]["total"] / 1e9:.3f} GB'
+                 if 'step_memory' in res else ''))
         print(f'round {r + 1}/{args.rounds} {name}: {done}', file=sys.stderr, flush=True)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)

@@ -3,10 +3,12 @@
 A run is named by its method (`lora`, `full`, `lora@bf16`) for peftjax and `torch-<method>`
 for its HF transformers + HF PEFT twin; each round of a run yields a result dict with
 `framework`, `method`, `trainable_params`, `batch_shape`, `median_ms`, `times_ms`,
-`peak_rss_gb`, `steps_peak_rss_gb`, `info` (and `compile_s` for peftjax), or
-`{'name', 'error'}`. Models: MiniLM-L6 sentence classification (`minilm`, or a random 2-layer
-BERT `tiny`) with a config module per method, or a language model (`smollm2`, or a random
-2-layer Llama `tiny-llama`) with one LM config (`LM_CONFIG`) whose method a run may replace.
+`peak_rss_gb`, `steps_peak_rss_gb`, `info` (and for peftjax `compile_s`, `step_memory`: XLA's
+memory analysis of the compiled step in bytes, and `device_peak_gb`: the device's peak bytes
+in use, None on CPU), or `{'name', 'error'}`. Models: MiniLM-L6 sentence classification
+(`minilm`, or a random 2-layer BERT `tiny`) with a config module per method, or a language
+model (`smollm2`, or a random 2-layer Llama `tiny-llama`) with one LM config (`LM_CONFIG`)
+whose method a run may replace.
 """
 from __future__ import annotations
 
@@ -175,7 +177,7 @@ def summarize(rounds: list[dict]) -> dict:
   pooled = np.concatenate([r['times_ms'] for r in ok])
   median = statistics.median(r['median_ms'] for r in ok)
   shape = ok[0].get('batch_shape')
-  steps_peaks = [r['steps_peak_rss_gb'] for r in ok if r.get('steps_peak_rss_gb') is not None]
+  largest = lambda key: max((r[key] for r in ok if r.get(key) is not None), default=None)
   return {
       'framework': ok[0]['framework'], 'method': ok[0]['method'],
       'trainable_params': ok[0]['trainable_params'], 'batch_shape': shape,
@@ -184,22 +186,34 @@ def summarize(rounds: list[dict]) -> dict:
       'p10_ms': float(np.percentile(pooled, 10)), 'p90_ms': float(np.percentile(pooled, 90)),
       'round_medians_ms': [r['median_ms'] for r in ok],
       'peak_rss_gb': max(r['peak_rss_gb'] for r in ok),
-      'steps_peak_rss_gb': max(steps_peaks) if steps_peaks else None,
+      'steps_peak_rss_gb': largest('steps_peak_rss_gb'),
+      'step_memory_gb': max((r['step_memory']['total'] / 1e9 for r in ok
+                             if 'step_memory' in r), default=None),
+      'device_peak_gb': largest('device_peak_gb'),
       'compile_s': statistics.median(r['compile_s'] for r in ok) if 'compile_s' in ok[0] else None,
       'info': ok[0]['info'], 'failed_rounds': len(rounds) - len(ok), 'rounds': rounds,
   }
 
 
+MEMORY = {'rss_to_full': 'peak_rss_gb', 'step_memory_to_full': 'step_memory_gb',
+          'device_peak_to_full': 'device_peak_gb'}  # memory ratios to full: their measures
+
+
 def ratios(summary: dict) -> dict:
-  """Step-time ratios: each run to its framework's full run, and peftjax to torch (also as
-  tokens/s, for runs of the same batch shape)."""
-  out = {'to_full': {}, 'peftjax_to_torch': {}, 'tokens_peftjax_to_torch': {}}
+  """Ratios of each run to its framework's full run: step time (`to_full`) and the memory
+  measures (`MEMORY`); and peftjax to torch step time (also as tokens/s, for runs of the same
+  batch shape)."""
+  out = {'to_full': {}, 'peftjax_to_torch': {}, 'tokens_peftjax_to_torch': {},
+         **{key: {} for key in MEMORY}}
   for name, s in summary.items():
     if 'error' in s:
       continue
     full = summary.get('full' if s['framework'] == JAX else 'torch-full', {})
     if 'median_ms' in full:
       out['to_full'][name] = s['median_ms'] / full['median_ms']
+    for key, measure in MEMORY.items():
+      if s.get(measure) is not None and full.get(measure):
+        out[key][name] = s[measure] / full[measure]
     twin = summary.get(f'torch-{name}', {})
     if s['framework'] == JAX and 'median_ms' in twin:
       out['peftjax_to_torch'][name] = s['median_ms'] / twin['median_ms']
@@ -212,7 +226,7 @@ def _fmt(x, spec: str, none: str = '—') -> str:
   return none if x is None else format(x, spec)
 
 
-def _columns(tokens: bool, has_torch: bool, rat: dict) -> list:
+def _columns(tokens: bool, has_torch: bool, rat: dict, summary: dict) -> list:
   """(header, cell of (name, summary)) of the table; `tokens`: a language model's columns."""
   twin = lambda key: lambda n, s: _fmt(  # pylint: disable=g-long-lambda
       rat[key].get(n.removeprefix('torch-')) if n.startswith('torch-') else None, '.3f')
@@ -225,6 +239,14 @@ def _columns(tokens: bool, has_torch: bool, rat: dict) -> list:
            ('peak RSS GB', lambda n, s: f'{s["peak_rss_gb"]:.2f}')]
   if tokens:
     cols.append(('steps peak RSS GB', lambda n, s: _fmt(s['steps_peak_rss_gb'], '.2f')))
+  cols += [('ratio to full (RSS)', lambda n, s: _fmt(rat['rss_to_full'].get(n), '.3f')),
+           ('step memory GB', lambda n, s: _fmt(s.get('step_memory_gb'), '.3f')),
+           ('ratio to full (step memory)',
+            lambda n, s: _fmt(rat['step_memory_to_full'].get(n), '.3f'))]
+  if any(s.get('device_peak_gb') is not None for s in summary.values()):
+    cols += [('device peak GB', lambda n, s: _fmt(s.get('device_peak_gb'), '.3f')),
+             ('ratio to full (device peak)',
+              lambda n, s: _fmt(rat['device_peak_to_full'].get(n), '.3f'))]
   cols.append(('step ms p10–p90', lambda n, s: f'{s["p10_ms"]:.1f}–{s["p90_ms"]:.1f}'))
   if has_torch:
     cols.append(('peftjax ÷ torch (time)', twin('peftjax_to_torch')))
@@ -239,7 +261,7 @@ def report(summary: dict, rat: dict, env: dict, described: dict, args) -> str:
   tokens = is_lm(args.model)
   has_torch = any(n.startswith('torch-') for n in summary)
   label = {JAX: 'peftjax', TORCH: 'torch+PEFT'}
-  cols = _columns(tokens, has_torch, rat)
+  cols = _columns(tokens, has_torch, rat, summary)
   lines = ['| run | ' + ' | '.join(h for h, _ in cols) + ' |', '|' + '---|' * (len(cols) + 1)]
   for name, s in summary.items():
     framework = TORCH if name.startswith('torch-') else JAX
@@ -260,6 +282,13 @@ def report(summary: dict, rat: dict, env: dict, described: dict, args) -> str:
                f'(LoRA {1 / to_full["lora"]:.2f}× the full fine-tuning steps/s)')
   if 'torch-lora' in to_full:
     out.append(f'torch+PEFT LoRA ÷ full step time: {to_full["torch-lora"]:.3f}')
+  measures = {'step_memory_to_full': 'step memory', 'device_peak_to_full': 'device peak',
+              'rss_to_full': 'peak RSS'}
+  memory = [n for n in rat['step_memory_to_full'] if n != 'full']
+  if memory:
+    out.append('**peftjax peak memory ÷ full fine-tuning\'s**: ' + '; '.join(
+        f'{n} ' + ', '.join(f'{label} {rat[key][n]:.3f}' for key, label in measures.items()
+                            if n in rat[key]) for n in memory))
   if rat['peftjax_to_torch']:
     out.append('peftjax ÷ torch step time: ' + ', '.join(
         f'{m} {r:.3f}' for m, r in rat['peftjax_to_torch'].items()))
@@ -284,6 +313,13 @@ def report(summary: dict, rat: dict, env: dict, described: dict, args) -> str:
                'multi-threaded torch most of all; rerun on a quiet machine.')
   out.append('- step ms: median over rounds of each round\'s median; p10–p90 over all timed '
              'steps; peak RSS: the largest over rounds, per configuration process.')
+  out.append('- step memory: XLA\'s memory analysis of the compiled train step, per device '
+             '(arguments + outputs + temporaries − outputs aliased to donated arguments): what '
+             'an accelerator allocates for the step (weights, optimiser state, batch, '
+             'activations, gradients). Peak RSS is the whole process: on CPU also the runtime, '
+             'the compiler\'s heap, host copies of the params and freed memory the allocator '
+             'keeps.' + (' device peak: the device\'s peak bytes in use over the process.'
+                         if rat['device_peak_to_full'] else ''))
   if tokens:
     out += ['- tokens/s: batch × length ÷ median step time (every row is one full segment). '
             'steps peak RSS: the high-water mark from the first warm-up step on (after '

@@ -4,6 +4,7 @@ torch is installed, the twin itself (`experiments.bench_torch`)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import re
@@ -47,14 +48,20 @@ def test_command_reports_every_method_with_positive_numbers(tmp_path):
   proc = _bench('--no-torch', '--json', str(out))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| run | trainable params | step ms (median) | steps/s | ratio to full (time) | ' \
-         'peak RSS GB |' in proc.stdout
+         'peak RSS GB | ratio to full (RSS) | step memory GB | ratio to full (step memory) |' \
+         in proc.stdout
   rows = _rows(proc.stdout)
   assert set(rows) == {'peftjax lora', 'peftjax full', 'peftjax probe'}
-  for name, (params, ms, per_s, to_full, rss, spread) in rows.items():
+  for name, (params, ms, per_s, to_full, rss, rss_ratio, memory, memory_ratio,
+             spread) in rows.items():
     assert int(params.replace(',', '')) > 0, name
     assert float(ms) > 0 and float(per_s) > 0 and float(to_full) > 0 and float(rss) > 0, name
+    assert float(rss_ratio) > 0 and float(memory) > 0 and float(memory_ratio) > 0, name
     assert re.fullmatch(r'[\d.]+–[\d.]+', spread), name
-  assert rows['peftjax full'][3] == '1.000'
+  assert rows['peftjax full'][3] == rows['peftjax full'][5] == rows['peftjax full'][7] == '1.000'
+  assert float(rows['peftjax probe'][7]) < float(rows['peftjax lora'][7]) < 1.0
+  assert re.search(r"peftjax peak memory ÷ full fine-tuning's\*\*: lora step memory [\d.]+, "
+                   r'peak RSS [\d.]+; probe', proc.stdout)
   assert int(rows['peftjax lora'][0].replace(',', '')) == TINY_LORA_PARAMS
   assert re.search(r'peftjax LoRA ÷ full step time: [\d.]+', proc.stdout)
   assert 'jax ' in proc.stdout and 'core(s) available' in proc.stdout
@@ -66,35 +73,71 @@ def test_command_reports_every_method_with_positive_numbers(tmp_path):
   assert lora['median_ms'] > 0 and len(lora['rounds'][0]['times_ms']) == 2
   assert saved['ratios']['to_full']['lora'] == pytest.approx(
       lora['median_ms'] / saved['runs']['full']['median_ms'])
+  memory = lora['rounds'][0]['step_memory']
+  assert memory['total'] == (memory['arguments'] + memory['outputs'] + memory['temporaries'] -
+                             memory['aliased']) == pytest.approx(lora['step_memory_gb'] * 1e9)
+  assert saved['ratios']['step_memory_to_full']['lora'] == pytest.approx(
+      lora['step_memory_gb'] / saved['runs']['full']['step_memory_gb'])
+  assert lora['device_peak_gb'] is None  # CPU: no device memory stats
 
 
-def _fake(name, framework, ms, params=10):
-  return {'name': name, 'framework': framework, 'method': name.removeprefix('torch-'),
-          'trainable_params': params, 'batch_shape': [32, 48], 'median_ms': ms,
-          'p10_ms': ms * 0.9, 'p90_ms': ms * 1.1, 'times_ms': [ms * 0.9, ms, ms * 1.1],
-          'peak_rss_gb': 1.0, 'info': {}}
+def test_step_memory_counts_a_donated_argument_once():
+  """A step's memory: arguments + outputs + temporaries, less outputs written into donated
+  arguments."""
+  x = jax.numpy.ones(1000, jax.numpy.float32)
+  step = lambda x: x * 2 + 1
+  copying = bench.step_memory(jax.jit(step).lower(x).compile())
+  donating = bench.step_memory(jax.jit(step, donate_argnums=0).lower(x).compile())
+  assert copying['arguments'] == copying['outputs'] == 4000 and copying['aliased'] == 0
+  assert copying['total'] == 8000 + copying['temporaries']
+  assert donating['aliased'] == 4000 and donating['total'] == 4000 + donating['temporaries']
+
+
+def _fake(name, framework, ms, params=10, rss=1.0, memory=None, device=None):
+  out = {'name': name, 'framework': framework, 'method': name.removeprefix('torch-'),
+         'trainable_params': params, 'batch_shape': [32, 48], 'median_ms': ms,
+         'p10_ms': ms * 0.9, 'p90_ms': ms * 1.1, 'times_ms': [ms * 0.9, ms, ms * 1.1],
+         'peak_rss_gb': rss, 'info': {}}
+  if framework == 'peftjax':
+    out.update(step_memory={'total': memory}, device_peak_gb=device)
+  return out
 
 
 def test_report_takes_median_over_rounds_and_states_ratios():
-  results = {'lora': [_fake('lora', 'peftjax', 100.0), _fake('lora', 'peftjax', 120.0),
-                      _fake('lora', 'peftjax', 400.0)],
-             'full': [_fake('full', 'peftjax', 200.0)],
+  lora = functools.partial(_fake, 'lora', 'peftjax', memory=3e8)
+  results = {'lora': [lora(100.0), lora(120.0, rss=1.5), lora(400.0)],
+             'full': [_fake('full', 'peftjax', 200.0, rss=2.0, memory=6e8)],
              'torch-lora': [_fake('torch-lora', 'torch', 80.0)],
              'torch-full': [{'name': 'torch-full', 'error': 'exit 1: boom'}]}
   summary = {n: benchmark.summarize(r) for n, r in results.items()}
   assert summary['lora']['median_ms'] == 120.0
   rat = benchmark.ratios(summary)
   assert rat['to_full'] == {'lora': 0.6, 'full': 1.0}
+  assert rat['rss_to_full'] == {'lora': 0.75, 'full': 1.0}  # torch-full failed
+  assert rat['step_memory_to_full'] == {'lora': 0.5, 'full': 1.0}
+  assert rat['device_peak_to_full'] == {}
   assert rat['peftjax_to_torch'] == {'lora': 1.5}
   args = argparse.Namespace(model='minilm', rounds=3, steps=20, warmup=2)
   env = {'batch_shape': [32, 48], 'jax': 'jax x', 'threads': '2 core(s)', 'load_before': '0',
          'load_after': '0', 'wall_s': 1.0, 'busy': None, 'cores_available': 2}
   text = benchmark.report(summary, rat, env, {'lora': 'lora()'}, args)
   rows = _rows(text)
-  assert rows['peftjax lora'][:5] == ['10', '120.0', '8.33', '0.600', '1.00']
+  assert rows['peftjax lora'][:8] == ['10', '120.0', '8.33', '0.600', '1.50', '0.750', '0.300',
+                                      '0.500']
+  assert rows['torch+PEFT lora'][6:8] == ['—', '—']  # no compiled step in torch
   assert rows['torch+PEFT lora'][-1] == '1.500'
   assert rows['torch+PEFT full'][0].startswith('failed: ')
   assert 'peftjax LoRA ÷ full step time: 0.600' in text
+  assert "peftjax peak memory ÷ full fine-tuning's**: lora step memory 0.500, peak RSS 0.750" \
+      in text
+  assert 'device peak' not in text  # none measured (CPU)
+  # On an accelerator, the device's own peak too.
+  results = {'lora': [_fake('lora', 'peftjax', 100.0, memory=3e8, device=0.4)],
+             'full': [_fake('full', 'peftjax', 200.0, memory=6e8, device=1.6)]}
+  summary = {n: benchmark.summarize(r) for n, r in results.items()}
+  text = benchmark.report(summary, benchmark.ratios(summary), env, {}, args)
+  assert _rows(text)['peftjax lora'][8:10] == ['0.400', '0.250']
+  assert 'lora step memory 0.500, device peak 0.250, peak RSS 1.000' in text
 
 
 @pytest.mark.long  # the benchmark end to end with its torch rows

@@ -3,8 +3,11 @@ the grouped-query LLaMA, only the selected rows / columns train, the step forms 
 weight gradient, and the update decouples into a sparse difference that fuses and switches."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 import peftjax as pj
 from peftjax import models
@@ -132,6 +136,30 @@ def test_co_permutation_keeps_the_function_and_inverts_exactly(kind):
   jax.tree.map(np.testing.assert_array_equal, restored, params)
 
 
+@pytest.mark.parametrize('kind', ['bert', 'llama'])
+def test_host_params_are_permuted_on_the_host(kind):
+  """A model's loaded (numpy) params are permuted in numpy, with no device copy, and device
+  params on the device: the same trees either way."""
+  device = model(kind).params
+  host = jax.tree.map(np.asarray, device)
+  adapter = pj.s2ft(HEADS, v_ratio=0.5, o_ratio=0.5, u_ratio=0.1, d_ratio=0.1, seed=1)
+  on_host, _ = adapter.init(jax.random.key(0), host)
+  on_device, _ = adapter.init(jax.random.key(0), device)
+  arrays = lambda tree: {p: x.w if isinstance(x, SparseDelta) else x
+                         for p, x in P.flatten(tree).items()}
+  base, h, d = arrays(host), arrays(on_host), arrays(on_device)
+  moved = [p for p in base if h[p] is not base[p]]
+  assert len(moved) >= 12, moved  # q, k, v, o, up, down (and biases) of both blocks
+  for path in moved:
+    assert isinstance(h[path], np.ndarray) and isinstance(d[path], jax.Array), path
+    np.testing.assert_array_equal(h[path], d[path], err_msg=path)
+  for tree, kind_of in ((host, np.ndarray), (device, jax.Array)):
+    permuted = co_permute(tree, SELECTIONS[kind], HEADS)
+    assert all(isinstance(x, kind_of) for x in jax.tree.leaves(permuted))
+    jax.tree.map(np.testing.assert_array_equal,
+                 co_permute(permuted, SELECTIONS[kind], HEADS, inverse=True), tree)
+
+
 def _rows_of(kind, role, ids):
   """The base's rows (o, d) or columns (v, u) of the selected heads / channels."""
   ids = np.asarray(ids)
@@ -232,6 +260,29 @@ def test_the_step_forms_only_the_selected_rows_weight_gradient():
   full = pj.full()
   frozen_f, state_f = full.init(jax.random.key(0), task.model.params)
   assert kernels <= shapes(full, frozen_f, state_f)
+
+
+def test_the_backward_pass_keeps_only_the_selected_columns_of_a_trained_rows_input():
+  """Of the inputs of W_o and W_down (attention context, FFN activation) the backward pass
+  keeps only the selected heads' / channels' columns, as the official S2ColumnLinear saves
+  its input's slice; full fine-tuning keeps them whole for its weight gradients."""
+  task = Fit('bert')
+
+  def residuals(adapter):
+    frozen, state = adapter.init(jax.random.key(0), task.model.params)
+    loss = lambda st: task.loss(T.adapted(adapter, frozen, st), {}, task.batch)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      print_saved_residuals(loss, state)
+    found = re.findall(r'f32\[([\d,]+)\]', out.getvalue())
+    return {tuple(map(int, s.split(','))) for s in found}, state
+
+  tokens = task.batch['inputs'][0].size
+  whole = {(tokens, 32), (tokens, 64)}  # the inputs of W_o and W_down, whole
+  got, state = residuals(pj.s2ft(HEADS, o_ratio=0.25, d_ratio=0.1, seed=2))
+  assert not whole & got, sorted(got)
+  assert {(tokens, st['values'].shape[0]) for st in state.values()} <= got, sorted(got)
+  assert whole <= residuals(pj.full())[0]
 
 
 def test_the_update_decouples_into_an_adapter_that_fuses_and_switches():

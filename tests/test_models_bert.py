@@ -5,6 +5,7 @@ import json
 import pathlib
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,3 +218,46 @@ def test_structured_kernel_runs_through_dense(tiny):
   dense = model.apply({'params': leaves.materialize(patched)}, ids, mask)
   np.testing.assert_allclose(out, dense, atol=1e-5)
   assert not np.allclose(out, model.apply({'params': params}, ids, mask), atol=1e-3)
+
+
+def test_layer_norm_and_gelu_keep_only_their_inputs_for_the_backward_pass():
+  """`bert.LayerNorm` and `bert.gelu` give flax's LayerNorm's and the exact GELU's values and
+  gradients, and the compiled backward pass through frozen blocks of them (as in S2FT or
+  LoRA, where only the input gradient flows) needs less memory: their inputs alone stay."""
+  class Blocks(nn.Module):
+    norm: type
+    act: object
+
+    @nn.compact
+    def __call__(self, x):
+      for i in range(4):
+        w = self.param(f'w{i}', nn.initializers.normal(0.1), (x.shape[-1], 4 * x.shape[-1]))
+        x = self.norm(name=f'norm{i}')(x + self.act(x @ w) @ w.T)
+      return x
+
+  x = jax.random.normal(jax.random.key(0), (512, 64))
+  plain = Blocks(nn.LayerNorm, lambda h: jax.nn.gelu(h, approximate=False))
+  ours = Blocks(bert.LayerNorm, bert.gelu)
+  params = plain.init(jax.random.key(1), x)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+  # Non-trivial norm params, so that their gradients count.
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape),
+                        params)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), atol=1e-6)
+  for argnums in (0, 1):
+    want = jax.grad(loss(plain), argnums)(params, x)
+    got = jax.grad(loss(ours), argnums)(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got,
+                 want)
+
+  def temporaries(m):  # only the input's gradient: the blocks frozen
+    step = jax.jit(jax.grad(loss(m), argnums=1)).lower(params, x).compile()
+    return step.memory_analysis().temp_size_in_bytes
+
+  size = x.size * 4  # bytes of one (tokens, hidden) array; the GELU's are 4x that
+  gelu_only = temporaries(Blocks(nn.LayerNorm, bert.gelu))
+  # The GELU keeps two fewer of its arrays (in 3 blocks of 4 at least), the LayerNorm no
+  # x - mean (in 2 at least).
+  assert gelu_only < temporaries(plain) - 3 * 2 * 4 * size, (gelu_only, temporaries(plain))
+  assert temporaries(ours) < gelu_only - 2 * size, (temporaries(ours), gelu_only)

@@ -21,8 +21,10 @@ their order (`inverse=True` restores the tree exactly). The trained updates are
 
 each a `SparseDelta` of rows (axis 0) or columns (axis 1) on the permuted base, so the
 backward pass forms only the Δ's (k, hidden) / (hidden, k) gradients and the input
-gradients, no frozen weight's gradient (the paper's partial back-propagation). Only the Δ
-train; Q, K, gate, biases and the rest stay frozen (official `only_optimize_s2_parameters`).
+gradients, no frozen weight's gradient, and keeps of a row update's input only its k selected
+columns, as the official efficient kernel saves its input's slice (the paper's partial
+back-propagation). Only the Δ train; Q, K, gate, biases and the rest stay frozen (official
+`only_optimize_s2_parameters`).
 
 Selection, as the official trainer: for each ratio `int(ratio * total)` heads (channels),
 drawn uniformly at random over all blocks together (the count per block varies), one draw
@@ -275,7 +277,9 @@ def _permutations(block: _Block, orders: dict) -> dict[str, tuple[np.ndarray, in
 
 
 def _permute(flat: dict, layout: dict, blocks: list[_Block], orders: dict, inverse: bool):
-  """`flat` with every coupled kernel (and the biases of the permuted outputs) reordered."""
+  """`flat` with every coupled kernel (and the biases of the permuted outputs) reordered:
+  host (numpy) leaves on the host, as a model's loaded params are (no device copy, no
+  compiled gather per shape), device arrays on their devices."""
   flat = dict(flat)
   for block in blocks:
     for role, (order, axis) in _permutations(block, orders[block.path]).items():
@@ -292,7 +296,8 @@ def _permute(flat: dict, layout: dict, blocks: list[_Block], orders: dict, inver
         if is_structured(x):
           raise TypeError(f's2ft permutes {key}, which holds a structured leaf ({x!r}); '
                           'S2FT must be the first method of a chain')
-        flat[key] = jnp.take(jnp.asarray(x), index, axis=min(axis, x.ndim - 1))
+        xp = np if isinstance(x, np.ndarray) else jnp
+        flat[key] = xp.take(x, index, axis=min(axis, x.ndim - 1))
   return flat
 
 

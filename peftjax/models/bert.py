@@ -12,11 +12,14 @@ are structured leaves (e.g. `LowRank`) runs unchanged. Param paths (slash-joined
 `PARAM_AXES` names each param's axes logically, for sharding rules (`peftjax.parallel`).
 Compute runs in the dtype of the params it is given (bf16 params: bf16 matmuls), with
 LayerNorm statistics, attention softmax and pooling in float32. `Bert(remat=True)` recomputes
-each block's activations in the backward pass instead of storing them.
+each block's activations in the backward pass instead of storing them; without it, the
+LayerNorms and the GELU still keep only their inputs for the backward pass (`LayerNorm`,
+`gelu`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -42,6 +45,14 @@ PARAM_AXES = (
     (r'layer_\d+/output/kernel$', ('mlp', 'embed')),
     (r'output/bias$', ('embed',)),
 )
+
+
+# For its backward pass a plain LayerNorm keeps x - mean besides its input x, and the exact
+# GELU its erfc and exp terms besides x (arrays of x's size). These keep x alone and recompute
+# the rest there (`jax.checkpoint`): less activation memory for a few elementwise passes
+# (docs/sparse_methods.md, "S²FT's memory").
+LayerNorm = nn.remat(nn.LayerNorm)
+gelu = jax.checkpoint(functools.partial(jax.nn.gelu, approximate=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +142,7 @@ class Embeddings(nn.Module):
                     name='position')(positions)
          + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=_INIT,
                     name='token_type')(token_type_ids))
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='norm')(x)
+    x = LayerNorm(epsilon=cfg.layer_norm_eps, name='norm')(x)
     return Dropout(cfg.hidden_dropout)(x, train=train)
 
 
@@ -169,12 +180,12 @@ class Layer(nn.Module):
     drop = Dropout(cfg.hidden_dropout)
     h = SelfAttention(cfg, name='attention')(x, attention_mask, train=train)
     h = drop(h, train=train)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='attention_norm')(x + h)
+    x = LayerNorm(epsilon=cfg.layer_norm_eps, name='attention_norm')(x + h)
     h = Dense(cfg.intermediate_size, name='intermediate')(x, train=train)
-    h = jax.nn.gelu(h, approximate=False)
+    h = gelu(h)
     h = Dense(cfg.hidden_size, name='output')(h, train=train)
     h = drop(h, train=train)
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='output_norm')(x + h)
+    return LayerNorm(epsilon=cfg.layer_norm_eps, name='output_norm')(x + h)
 
 
 class Encoder(nn.Module):

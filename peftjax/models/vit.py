@@ -2,8 +2,9 @@
 and its checkpoint pretrained by the project on Fashion-MNIST.
 
 Pre-LayerNorm blocks built from the bundled BERT's layers (`bert.Dense`, `bert.SelfAttention`,
-`bert.Dropout`), so every linear layer computes structured leaves (`LowRank`, `SparseDelta`)
-and the methods apply to it as they do to the text encoder. Param paths (slash-joined):
+`bert.Dropout`, `bert.LayerNorm`, `bert.gelu`), so every linear layer computes structured
+leaves (`LowRank`, `SparseDelta`) and the methods apply to it as they do to the text encoder.
+Param paths (slash-joined):
 
   embeddings/patch/{kernel,bias}          (patch_size² · channels, hidden) patch projection
   embeddings/position                     (1, tokens, hidden) learned position embeddings
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 
 from peftjax.models import Model
 from peftjax.models.bert import PARAM_AXES as BERT_PARAM_AXES
-from peftjax.models.bert import Dense, Dropout, SelfAttention
+from peftjax.models.bert import Dense, Dropout, LayerNorm, SelfAttention, gelu
 from peftjax.parallel.sharding import axes_from_table
 
 PRETRAIN_COMMAND = 'python -m experiments.pretrain_vit'
@@ -124,12 +125,11 @@ class Block(nn.Module):
   def __call__(self, x, train: bool = False):
     cfg = self.config
     drop = Dropout(cfg.hidden_dropout)
-    h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='attention_norm')(x)
+    h = LayerNorm(epsilon=cfg.layer_norm_eps, name='attention_norm')(x)
     everywhere = jnp.ones(x.shape[:2], jnp.int32)  # no padding among image tokens
     x = x + drop(SelfAttention(cfg, name='attention')(h, everywhere, train=train), train=train)
-    h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='mlp_norm')(x)
-    h = jax.nn.gelu(Dense(cfg.intermediate_size, name='intermediate')(h, train=train),
-                    approximate=False)
+    h = LayerNorm(epsilon=cfg.layer_norm_eps, name='mlp_norm')(x)
+    h = gelu(Dense(cfg.intermediate_size, name='intermediate')(h, train=train))
     return x + drop(Dense(cfg.hidden_size, name='output')(h, train=train), train=train)
 
 
@@ -143,7 +143,7 @@ class Encoder(nn.Module):
     block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i in range(self.config.num_layers):
       x = block(self.config, name=f'layer_{i}')(x, train)
-    return nn.LayerNorm(epsilon=self.config.layer_norm_eps, name='norm')(x)
+    return LayerNorm(epsilon=self.config.layer_norm_eps, name='norm')(x)
 
 
 class ViT(nn.Module):
