@@ -13,10 +13,12 @@ with the residual); `low_precision` trains that adapter quantised to 1 bit. `vpt
 put 10 prompts before each layer (VPT-deep), extending its attention mask. `side` trains a
 side network of width 64 (UniPT) on every layer's detached output, fused into the encoder's
 output with the encoder's attention mask. `graft` grafts the
-`full` run in `runs/minilm_vader_full` (its adapter) at lr 0.05, so that Adam's steps of
-about lr can carry scores across the sigmoid bias (10) within the run, with that run's head
-frozen (`head_lr_scale` 0), as the paper measures a graft with the fine-tuned model's own
-head. `ssf` on every encoder kernel and LayerNorm, `ia3` on keys, values and the FFN
+`full` run in `runs/minilm_vader_full` (its adapter) as the official code does: a mask over
+every encoder-layer parameter (embeddings and head fixed), the run's head frozen
+(`head_lr_scale` 0), plain full-batch gradient descent on the scores at lr 1e7 (AdamW with
+b1 = 0, no weight decay and eps = 1e3, far above the scores' gradients, is that step:
+`grafting.sgd_as_adamw`), 10 steps of 1,024 sentences (32 micro-batches of 32), val after
+each, the best kept. `ssf` on every encoder kernel and LayerNorm, `ia3` on keys, values and the FFN
 activations, `bitfit` and `ln_tuning` on every bias / LayerNorm, each at its official code's
 lr (SSF's VTAB scripts 5e-3, t-few's (IA)³ 3e-3, BitFit's run_glue 1e-3; LN tuning the
 default 1e-3) and without weight decay, as their official optimisers leave these vectors
@@ -28,11 +30,12 @@ import inspect
 import ml_collections
 
 from peftjax import methods
+from peftjax.methods.grafting import sgd_as_adamw
 from peftjax.methods.sparse_low_rank import sara_lr
 
 TARGETS = ('encoder/.*/kernel',)
 # HFT takes full fine-tuning's settings; SaRA the official optimiser's default.
-LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'graft': 5e-2, 'sara': sara_lr()}
+LEARNING_RATES = {'full': 5e-5, 'hft': 5e-5, 'sara': sara_lr()}
 LEARNING_RATES |= {'ssf': 5e-3, 'ia3': 3e-3, 'bitfit': 1e-3}
 # R-AMT's official Adam lr for its masks (8e-5, cosine); the new head learns at the usual 1e-3.
 LEARNING_RATES |= {'mask_tuning': 8e-5}
@@ -44,6 +47,15 @@ SCALE_SHIFT = {'ssf': {'targets': ('encoder/.*/kernel', 'norm/scale$')},
                'ia3': {'targets': ('attention/(key|value)/kernel$',),
                        'feedforward': (r'layer_\d+/output/kernel$',)}}
 FULL_RUN_ADAPTER = 'runs/minilm_vader_full/adapter'  # what `graft` grafts
+# Grafting as the official code trains its mask (Grafting.py, src/graft_trainer.py,
+# run_graft_task.sh): every parameter of the encoder's layers (`select_trainable_parameters`
+# with fix_embeddings, fix_head), plain gradient descent at lr 1e7 on the gradient averaged
+# over 128 batches of 8 (1,024 sentences), one step per 'epoch', 10 of them; the best mask
+# on train + val kept (here: on val, checked after every step).
+GRAFT_TARGETS = (r'encoder/layer_\d+/',)
+GRAFT_LR = 1e7
+GRAFT_TRAIN = {'batch_size': 1024, 'accumulate': 32, 'epochs': 2, 'max_steps': 10,
+               'eval_every': 1}
 MINILM_HEADS = 12
 # Modules (not params) that bottleneck adapters wrap: each sub-layer's output projection.
 ADAPTER_TARGETS = (r'attention/output$', r'layer_\d+/output$')
@@ -65,7 +77,7 @@ def method_config(name: str) -> dict:
   if name in ('adapter', 'mosa'):
     return {'name': name, 'targets': ADAPTER_TARGETS, 'size': 32}
   if name == 'graft':
-    return {'name': name, 'targets': TARGETS, 'finetuned': FULL_RUN_ADAPTER}
+    return {'name': name, 'targets': GRAFT_TARGETS, 'finetuned': FULL_RUN_ADAPTER}
   if name == 'sara':  # the official run: selected again at step 2500 of 5005
     return {'name': name, 'targets': TARGETS, 'progressive': 0.5}
   if name == 'mask_tuning':  # the official settings: attention only (MASK_MLP False), MASK_LOSS
@@ -114,6 +126,10 @@ def get_config(method: str = 'lora'):
       'checkpoint_every': 100, 'keep_checkpoints': 2,
       'accumulate': 1,  # micro-batches per step (gradient accumulation)
       'compute_dtype': 'float32'})  # or 'bfloat16' (float32 master weights and optimiser)
+  if method == 'graft':  # the official plain gradient steps, batches and step count
+    c.optimizer.update(sgd_as_adamw(GRAFT_LR))
+    c.optimizer.head_lr_scale = 0.0
+    c.train.update(GRAFT_TRAIN)
   # Devices: -1 takes all the rest. fsdp shards weights and batch, tensor shards heads / MLP.
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
   # Multi-process runs (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;

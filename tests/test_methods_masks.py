@@ -423,3 +423,97 @@ def test_graft_reads_the_finetuned_tree_from_a_params_file_or_an_adapter(tmp_pat
   with pytest.raises(ValueError, match='graft: the fine-tuned up/kernel is'):
     bad = {**ft, 'up': {**ft['up'], 'kernel': jnp.zeros((8, 3))}}
     pj.graft('kernel', bad).init(jax.random.key(0), pre)
+
+
+
+def _graft_config_optimizer(adapter):
+  """The trainer's optimiser for the study's `graft` config (`configs/minilm_vader.py`)."""
+  from configs import minilm_vader  # pylint: disable=g-import-not-at-top
+  config = minilm_vader.get_config('graft')
+  return S.make_optimizer(config.optimizer, adapter), config
+
+
+def _classification_graft(scale: float, sparsity: float = 0.05):
+  """A linear 3-class classifier: a pretrained kernel, a fine-tuned one `scale` times a random
+  change away, inputs labelled by the fine-tuned model; the graft of the kernel, the
+  cross-entropy as a function of the kernel and of the graft's scores."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((256, 16)).astype(np.float32)
+  pre = {'cls': {'kernel': jnp.asarray(0.1 * rng.standard_normal((16, 3)), jnp.float32)}}
+  ft = {'cls': {'kernel': pre['cls']['kernel']
+                + jnp.asarray(scale * rng.standard_normal((16, 3)), jnp.float32)}}
+  labels = jnp.argmax(x @ ft['cls']['kernel'], -1)
+  adapter = pj.graft('kernel', ft, sparsity=sparsity)
+  frozen, state = adapter.init(jax.random.key(0), pre)
+
+  def ce(kernel):
+    logp = jax.nn.log_softmax(x @ kernel)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], 1))
+  return adapter, frozen, state, ce, lambda s: ce(adapter.apply(frozen, s)['cls']['kernel'])
+
+
+def _trainer_steps(tx, state, loss, steps):
+  """`steps` of the trainer's optimiser on the scores, with a head it must leave alone."""
+  head = {'w': jnp.ones(3)}
+  trainable = {'adapter': state, 'head': head}
+  opt = tx.init(trainable)
+  out = [state]
+  for _ in range(steps):
+    grads = {'adapter': jax.grad(loss)(trainable['adapter']), 'head': {'w': jnp.ones(3)}}
+    updates, opt = tx.update(grads, opt, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    out.append(trainable['adapter'])
+  np.testing.assert_array_equal(trainable['head']['w'], head['w'])  # the head stays frozen
+  return out
+
+
+def test_graft_config_takes_the_official_plain_gradient_steps():
+  """The official code (src/graft_trainer.py) keeps scores S' for γ = s + (1 - 2s)
+  sigmoid(S' - 10) (s: the base patch) and steps S' -= lr (1 - 2s) dL/dθ (θ_ft - θ_pre)
+  sigmoid'(S' - 10) at lr 1e7, with no optimiser. The trainer's optimiser for the `graft`
+  config takes the same steps on the mirrored scores (S = 2b - S' on the patch), although
+  the scores' gradients are far below AdamW's usual eps of 1e-8."""
+  adapter, frozen, state, ce, loss = _classification_graft(3e-4)
+  tx, config = _graft_config_optimizer(adapter)
+  assert config.optimizer.head_lr_scale == 0.0 and config.train.max_steps == 10
+  assert config.train.batch_size == 1024 and config.train.accumulate == 32
+  assert config.method.targets == (r'encoder/layer_\d+/',)
+  grads = jax.grad(loss)(state)
+  assert 0 < max(float(jnp.max(jnp.abs(g))) for g in grads.values()) < 1e-8
+  b, lr = 10.0, 1e7
+  pre_k, ft_k = frozen['cls']['kernel'], frozen[GRAFT]['cls']['kernel']
+  patch = np.asarray(state['cls/kernel']) > b
+  official = np.where(patch, 2 * b - np.asarray(state['cls/kernel'], np.float64),
+                      np.asarray(state['cls/kernel'], np.float64))
+  ours = _trainer_steps(tx, state, loss, 5)
+  for scores in ours[1:]:
+    gamma = patch + (1 - 2 * patch) * jax.nn.sigmoid(jnp.asarray(official, jnp.float32) - b)
+    d_theta = np.asarray(jax.grad(ce)(pre_k + gamma * (ft_k - pre_k)), np.float64)
+    sig = 1 / (1 + np.exp(-(official - b)))
+    official = official - lr * (1 - 2 * patch) * d_theta * np.asarray(ft_k - pre_k) * sig * (
+        1 - sig)
+    mirrored = np.where(patch, 2 * b - official, official)
+    step = np.abs(mirrored - np.asarray(state['cls/kernel']))
+    assert step.max() > 1e-2  # real steps, not swallowed by eps
+    np.testing.assert_allclose(np.asarray(scores['cls/kernel']), mirrored, rtol=0,
+                               atol=1e-5 + 1e-3 * step.max())
+
+
+def test_graft_config_moves_the_mask_where_adamw_at_eps_1e8_does_not():
+  """On a task where the official 10 plain steps at lr 1e7 change the rounded mask (and
+  lower the loss), the trainer's optimiser for the `graft` config does the same; AdamW as the
+  config had it before (lr 5e-2, eps 1e-8: steps of about lr) leaves every entry where it
+  started."""
+  adapter, frozen, state, _, loss = _classification_graft(0.1, sparsity=0.1)
+  tx, config = _graft_config_optimizer(adapter)
+  steps = config.train.max_steps
+  start = np.asarray(state['cls/kernel']) > 10.0
+  final = _trainer_steps(tx, state, loss, steps)[-1]
+  flipped = int(np.sum((np.asarray(final['cls/kernel']) > 10.0) != start))
+  assert flipped > 0 and float(loss(final)) < float(loss(state))
+  old = S.make_optimizer(ml_collections.ConfigDict(
+      {'lr': 5e-2, 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'weight_decay': 0.01,
+       'schedule': 'constant', 'warmup_steps': 0, 'clip_norm': 0.0, 'head_lr_scale': 0.0}),
+      adapter)
+  stuck = _trainer_steps(old, state, loss, steps)[-1]
+  np.testing.assert_array_equal(np.asarray(stuck['cls/kernel']) > 10.0, start)

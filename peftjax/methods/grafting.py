@@ -10,7 +10,12 @@ same γ is sigmoid(S - b) with S drawn from U(0, 1) off the patch and 2b - U(0, 
 (the official S mirrored about b on the patch: the same γ and, coordinate-wise, the same
 SGD or Adam steps), so γ starts within 1e-4 of the base patch at b = 10 and depends on the
 state alone. The loss adds `l1 * ||γ||_1`, the relaxation of the paper's sparsity
-constraint (the official code runs with none: l1 = 0 and a few steps). `binarized_graft`
+constraint (the official code runs with none: l1 = 0 and a few steps). The official mask
+training is no optimiser but plain gradient descent, S -= lr dL/dS with lr 1e7 (its
+run_graft_task.sh), on the gradient averaged over 128 batches of 8, one step per 'epoch':
+at b = 10, dγ/dS is 4.5e-5 and dL/dS far below 1e-8, so Adam's eps would swallow the
+steps; `sgd_as_adamw` gives the settings under which the trainer's AdamW takes exactly those
+steps. `binarized_graft`
 rounds γ (or keeps a chosen fraction of entries) and returns the grafted tree with the
 fraction of targeted entries it takes from θ_ft.
 
@@ -80,6 +85,31 @@ def base_patch(pre: dict[str, Any], ft: dict[str, Any], sparsity: float) -> dict
   return out
 
 
+OFFICIAL_LR = 1e7  # the official run_graft_task.sh's lr for its plain gradient steps
+SGD_EPS = 1e3  # AdamW's eps that turns its step into a plain gradient step (`sgd_as_adamw`)
+
+
+def sgd_as_adamw(lr: float = OFFICIAL_LR, *, eps: float = SGD_EPS) -> dict[str, float]:
+  """AdamW settings (`lr`, `b1`, `eps`, `weight_decay`) under which AdamW's step is the plain
+  gradient step -lr * g of the official mask training, for gradients far below `eps`.
+
+  AdamW's step is -lr' m̂ / (√v̂ + eps) - lr' wd θ; with b1 = 0 (m̂ = g), wd = 0 and
+  lr' = lr * eps it is -lr g / (1 + √v̂ / eps): -lr g to a relative √v̂ / eps. The scores'
+  gradients dL/dθ (θ_ft - θ_pre) σ'(S - b) stay below 1e-2 (|θ_ft - θ_pre| < 0.05,
+  σ' <= 1/4), so eps = 1e3 keeps the step within 1e-5 of plain gradient descent.
+
+  Args:
+    lr: the plain gradient step's learning rate (official: 1e7).
+    eps: AdamW's eps, far above the gradients.
+
+  Returns:
+    A dict to update the trainer's `optimizer` block with.
+  """
+  if lr <= 0 or eps <= 0:
+    raise ValueError(f'sgd_as_adamw needs lr > 0 and eps > 0, got lr={lr}, eps={eps}')
+  return {'lr': lr * eps, 'b1': 0.0, 'eps': eps, 'weight_decay': 0.0}
+
+
 def _load_finetuned(source, params):
   if not isinstance(source, (str, pathlib.Path)):
     return source
@@ -98,8 +128,8 @@ def graft(targets, finetuned, *, sparsity: float = 0.01, sigmoid_bias: float = 1
   """A grafting mask over every floating parameter that a regex of `targets` finds.
 
   Args:
-    targets: regexes searched in slash paths (the paper grafts every weight but the
-      embeddings and the head, e.g. `encoder/`).
+    targets: regexes searched in slash paths (the official code grafts every parameter of
+      the encoder's layers, not the embeddings or the head, e.g. `encoder/layer_\\d+/`).
     finetuned: the fine-tuned tree: a params file or adapter directory path, or a tree.
     sparsity: fraction of the targeted entries in the base patch (the official
       `sparsity_level`).
