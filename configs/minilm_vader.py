@@ -15,14 +15,13 @@ side network of width 64 (UniPT) on every layer's detached output, fused into th
 output with the encoder's attention mask. `graft` grafts the
 `full` run in `runs/minilm_vader_full` (its adapter) as the official code does: a mask over
 every encoder-layer parameter (embeddings and head fixed), the run's head frozen
-(`head_lr_scale` 0), plain full-batch gradient descent on the scores at lr 1e7 (AdamW with
-b1 = 0, no weight decay and eps = 1e3, far above the scores' gradients, is that step:
-`grafting.sgd_as_adamw`), 10 steps of 1,024 sentences (32 micro-batches of 32), val after
-each, the best kept. `ssf` on every encoder kernel and LayerNorm, `ia3` on keys, values and the FFN
-activations, `bitfit` and `ln_tuning` on every bias / LayerNorm, each at its official code's
-lr (SSF's VTAB scripts 5e-3, t-few's (IA)³ 3e-3, BitFit's run_glue 1e-3; LN tuning the
-default 1e-3) and without weight decay, as their official optimisers leave these vectors
-undecayed. Every key the trainer reads is here, with its default; `--config.KEY=VALUE`
+(`head_lr_scale` 0), plain full-batch gradient descent on the scores at lr 1e7
+(`optimizer.name` 'sgd', no weight decay), 10 steps of 1,024 sentences (32 micro-batches of
+32), val after each, the best kept. `ssf` on every encoder kernel and LayerNorm, `ia3` on
+keys, values and the FFN activations, `bitfit` and `ln_tuning` on every bias / LayerNorm,
+each at its official code's lr (SSF's VTAB scripts 5e-3, t-few's (IA)³ 3e-3, BitFit's
+run_glue 1e-3; LN tuning the default 1e-3) and without weight decay, as their official
+optimisers leave these vectors undecayed. Every key the trainer reads is here, with its default; `--config.KEY=VALUE`
 changes one.
 """
 import inspect
@@ -30,7 +29,6 @@ import inspect
 import ml_collections
 
 from peftjax import methods
-from peftjax.methods.grafting import sgd_as_adamw
 from peftjax.methods.sparse_low_rank import sara_lr
 
 TARGETS = ('encoder/.*/kernel',)
@@ -113,6 +111,7 @@ def get_config(method: str = 'lora'):
   c.calibration = ml_collections.ConfigDict({'batches': 8})
   lr = LEARNING_RATES.get(method, 1e-3)
   c.optimizer = ml_collections.ConfigDict({
+      'name': 'adamw',  # or 'sgd' (plain gradient descent)
       'lr': lr, 'weight_decay': 0.0 if method in NO_WEIGHT_DECAY else 0.01, 'b1': 0.9,
       'b2': 0.999, 'eps': 1e-8,
       'schedule': SCHEDULES.get(method, 'constant'),  # or 'cosine' (after warmup_steps, to 0)
@@ -127,7 +126,7 @@ def get_config(method: str = 'lora'):
       'accumulate': 1,  # micro-batches per step (gradient accumulation)
       'compute_dtype': 'float32'})  # or 'bfloat16' (float32 master weights and optimiser)
   if method == 'graft':  # the official plain gradient steps, batches and step count
-    c.optimizer.update(sgd_as_adamw(GRAFT_LR))
+    c.optimizer.update({'name': 'sgd', 'lr': GRAFT_LR, 'weight_decay': 0.0})
     c.optimizer.head_lr_scale = 0.0
     c.train.update(GRAFT_TRAIN)
   # Devices: -1 takes all the rest. fsdp shards weights and batch, tensor shards heads / MLP.

@@ -208,3 +208,26 @@ def test_head_lr_scale_scales_the_head_updates_only():
   assert np.abs(one['head']['kernel']).min() > 0
   with pytest.raises(ValueError, match='head_lr_scale must be >= 0'):
     updates(-1.0)
+
+
+def test_sgd_is_plain_gradient_descent_with_decoupled_weight_decay():
+  import jax
+  import jax.numpy as jnp
+  import peftjax as pj
+  from peftjax.train.step import make_optimizer
+  rng = np.random.default_rng(0)
+  params = {'adapter': {'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
+            'head': {'kernel': jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  c = ml_collections.ConfigDict({'name': 'sgd', 'lr': 0.1, 'weight_decay': 0.01, 'b1': 0.9,
+                                 'b2': 0.999, 'eps': 1e-8, 'schedule': 'constant',
+                                 'warmup_steps': 0, 'clip_norm': 0.0, 'head_lr_scale': 0.5})
+  tx = make_optimizer(c, pj.full())
+  updates = tx.update(grads, tx.init(params), params)[0]
+  np.testing.assert_allclose(updates['adapter']['w'],
+                             -0.1 * (grads['adapter']['w'] + 0.01 * params['adapter']['w']),
+                             rtol=1e-6)
+  np.testing.assert_allclose(updates['head']['kernel'], -0.05 * (
+      grads['head']['kernel'] + 0.01 * params['head']['kernel']), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"optimizer.name 'adam'; expected one of \('adamw', 'sgd'\)"):
+    make_optimizer(ml_collections.ConfigDict({**c.to_dict(), 'name': 'adam'}), pj.full())

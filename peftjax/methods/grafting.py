@@ -14,8 +14,7 @@ constraint (the official code runs with none: l1 = 0 and a few steps). The offic
 training is no optimiser but plain gradient descent, S -= lr dL/dS with lr 1e7 (its
 run_graft_task.sh), on the gradient averaged over 128 batches of 8, one step per 'epoch':
 at b = 10, dγ/dS is 4.5e-5 and dL/dS far below 1e-8, so Adam's eps would swallow the
-steps; `sgd_as_adamw` gives the settings under which the trainer's AdamW takes exactly those
-steps. `binarized_graft`
+steps: the trainer's `optimizer.name = 'sgd'` takes them. `binarized_graft`
 rounds γ (or keeps a chosen fraction of entries) and returns the grafted tree with the
 fraction of targeted entries it takes from θ_ft.
 
@@ -83,31 +82,6 @@ def base_patch(pre: dict[str, Any], ft: dict[str, Any], sparsity: float) -> dict
     out[p] = chosen[start:start + m.size].reshape(np.shape(pre[p])).astype(np.float32)
     start += m.size
   return out
-
-
-OFFICIAL_LR = 1e7  # the official run_graft_task.sh's lr for its plain gradient steps
-SGD_EPS = 1e3  # AdamW's eps that turns its step into a plain gradient step (`sgd_as_adamw`)
-
-
-def sgd_as_adamw(lr: float = OFFICIAL_LR, *, eps: float = SGD_EPS) -> dict[str, float]:
-  """AdamW settings (`lr`, `b1`, `eps`, `weight_decay`) under which AdamW's step is the plain
-  gradient step -lr * g of the official mask training, for gradients far below `eps`.
-
-  AdamW's step is -lr' m̂ / (√v̂ + eps) - lr' wd θ; with b1 = 0 (m̂ = g), wd = 0 and
-  lr' = lr * eps it is -lr g / (1 + √v̂ / eps): -lr g to a relative √v̂ / eps. The scores'
-  gradients dL/dθ (θ_ft - θ_pre) σ'(S - b) stay below 1e-2 (|θ_ft - θ_pre| < 0.05,
-  σ' <= 1/4), so eps = 1e3 keeps the step within 1e-5 of plain gradient descent.
-
-  Args:
-    lr: the plain gradient step's learning rate (official: 1e7).
-    eps: AdamW's eps, far above the gradients.
-
-  Returns:
-    A dict to update the trainer's `optimizer` block with.
-  """
-  if lr <= 0 or eps <= 0:
-    raise ValueError(f'sgd_as_adamw needs lr > 0 and eps > 0, got lr={lr}, eps={eps}')
-  return {'lr': lr * eps, 'b1': 0.0, 'eps': eps, 'weight_decay': 0.0}
 
 
 def _load_finetuned(source, params):

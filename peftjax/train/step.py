@@ -28,31 +28,41 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
+OPTIMIZERS = ('adamw', 'sgd')
+
+
 def make_optimizer(config, adapter: Adapter, total_steps: int = 0) -> optax.GradientTransformation:
-  """AdamW (constant LR, or warm-up + cosine decay to 0 at `total_steps`). The raw gradients
-  (adapter and head) are clipped to `clip_norm` first, then the method's own transform sees
-  the adapter's, as in the reference trainers of LoRA-Pro and SORSA. The adapter and the head
-  have AdamW states of their own (`Parts`), so that the method's can start again alone
-  (`restart_adapter`). The head's updates are `head_lr_scale` (default 1) times AdamW's: its
-  learning rate scaled, 0 a frozen head."""
+  """AdamW, or with `name='sgd'` plain gradient descent (the official grafting's mask
+  training), either with decoupled weight decay; constant LR, or warm-up + cosine decay to 0
+  at `total_steps`. The raw gradients (adapter and head) are clipped to `clip_norm` first,
+  then the method's own transform sees the adapter's, as in the reference trainers of
+  LoRA-Pro and SORSA. The adapter and the head have optimiser states of their own (`Parts`),
+  so that the method's can start again alone (`restart_adapter`). The head's updates are
+  `head_lr_scale` (default 1) times the optimiser's: its learning rate scaled, 0 a frozen
+  head."""
   lr = config.lr
   if config.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
                                             max(total_steps, config.warmup_steps + 1))
   elif config.schedule != 'constant':
     raise ValueError(f"optimizer.schedule {config.schedule!r}; expected 'constant' or 'cosine'")
+  name = config.get('name', 'adamw')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'optimizer.name {name!r}; expected one of {OPTIMIZERS}')
   head_scale = config.get('head_lr_scale', 1.0)
   if head_scale < 0:
     raise ValueError(f'optimizer.head_lr_scale must be >= 0 (0 freezes the head), got '
                      f'{head_scale}')
 
-  def adamw():
+  def optimizer():
+    if name == 'sgd':
+      return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr))
     return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
                        weight_decay=config.weight_decay)
 
   method_tx = transform(adapter, config.lr)
-  on_adapter = optax.chain(*([method_tx] if method_tx is not None else []), adamw())
-  on_head = optax.chain(adamw(), *([optax.scale(head_scale)] if head_scale != 1.0 else []))
+  on_adapter = optax.chain(*([method_tx] if method_tx is not None else []), optimizer())
+  on_head = optax.chain(optimizer(), *([optax.scale(head_scale)] if head_scale != 1.0 else []))
   by_part = _by_part(on_adapter, on_head)
   return optax.chain(optax.clip_by_global_norm(config.clip_norm), by_part) if config.clip_norm \
       else by_part
