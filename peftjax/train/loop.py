@@ -131,7 +131,7 @@ def place(model: Model, frozen, trainable, tx, mesh, compute_dtype=None):
   state = jax.jit(lambda t: S.init_state(t, tx), out_shardings=state_sh)(
       put(trainable, state_sh.trainable))
   frozen_sh = PS.shardings(frozen, base, mesh)
-  frozen_dev = put(S.cast_floats(jax.device_get(frozen), compute_dtype), frozen_sh)
+  frozen_dev = put(S.cast_floats(frozen, compute_dtype), frozen_sh)
   return state, frozen_dev, state_sh, frozen_sh
 
 
