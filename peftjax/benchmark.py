@@ -195,8 +195,10 @@ def summarize(rounds: list[dict]) -> dict:
   }
 
 
-MEMORY = {'rss_to_full': 'peak_rss_gb', 'step_memory_to_full': 'step_memory_gb',
-          'device_peak_to_full': 'device_peak_gb'}  # memory ratios to full: their measures
+# Memory ratios to full: (the summary's measure, its label), in the report's order.
+MEMORY = {'step_memory_to_full': ('step_memory_gb', 'step memory'),
+          'device_peak_to_full': ('device_peak_gb', 'device peak'),
+          'rss_to_full': ('peak_rss_gb', 'peak RSS')}
 
 
 def ratios(summary: dict) -> dict:
@@ -211,7 +213,7 @@ def ratios(summary: dict) -> dict:
     full = summary.get('full' if s['framework'] == JAX else 'torch-full', {})
     if 'median_ms' in full:
       out['to_full'][name] = s['median_ms'] / full['median_ms']
-    for key, measure in MEMORY.items():
+    for key, (measure, _) in MEMORY.items():
       if s.get(measure) is not None and full.get(measure):
         out[key][name] = s[measure] / full[measure]
     twin = summary.get(f'torch-{name}', {})
@@ -282,12 +284,10 @@ def report(summary: dict, rat: dict, env: dict, described: dict, args) -> str:
                f'(LoRA {1 / to_full["lora"]:.2f}× the full fine-tuning steps/s)')
   if 'torch-lora' in to_full:
     out.append(f'torch+PEFT LoRA ÷ full step time: {to_full["torch-lora"]:.3f}')
-  measures = {'step_memory_to_full': 'step memory', 'device_peak_to_full': 'device peak',
-              'rss_to_full': 'peak RSS'}
   memory = [n for n in rat['step_memory_to_full'] if n != 'full']
   if memory:
     out.append('**peftjax peak memory ÷ full fine-tuning\'s**: ' + '; '.join(
-        f'{n} ' + ', '.join(f'{label} {rat[key][n]:.3f}' for key, label in measures.items()
+        f'{n} ' + ', '.join(f'{label} {rat[key][n]:.3f}' for key, (_, label) in MEMORY.items()
                             if n in rat[key]) for n in memory))
   if rat['peftjax_to_torch']:
     out.append('peftjax ÷ torch step time: ' + ', '.join(

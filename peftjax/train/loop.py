@@ -378,14 +378,15 @@ def train(config, workdir, *, resume: bool = False, task=None, halt_at_step: int
     run = prepare(config, task, adapter, best_frozen, best, tx)
   test = evaluate(task, run.eval_step, put(best, run.state_shardings.trainable), run.frozen,
                   'test', tc.eval_batch_size, shard)
+  trainable_params = num_params(in_init_selection(best, best_frozen))
   adapter_file = workdir / 'adapter' / 'adapter.safetensors'
   result = {
       'task': config.task, 'method': config.method.name,
       **{f'test_{k}': v for k, v in test.items()},
       f'val_{selection}': sign * pos['best_metric'], 'best_epoch': pos['best_epoch'],
       'epochs': tc.epochs, 'steps': step,
-      'trainable_params': num_params(in_init_selection(best, best_frozen)),
-      'total_params': frozen_params(frozen) + num_params(in_init_selection(best, best_frozen)),
+      'trainable_params': trainable_params,
+      'total_params': frozen_params(frozen) + trainable_params,
       'train_steps_per_sec': trained / train_time if train_time else None,
       'adapter_path': str(adapter_file.absolute()),
       'adapter_bytes': adapter_file.stat().st_size if adapter_file.exists() else None,
